@@ -1,0 +1,172 @@
+"""Decoder-only transformer of the Llama family: Llama 2/3 (incl. SmolLM2), Qwen2/2.5 and Qwen3.
+
+The variants differ only in flags of `ModelConfig` (q/k/v bias, Qwen3's q/k RMSNorm, Llama-3.1 RoPE scaling).
+One forward takes a packed batch of many sequences (no padding); `BatchContext` says where each sequence
+starts, what it has cached and which LoRA adapter each token uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinkerbell.engine.batch import BatchContext
+from tinkerbell.engine.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as HF does, so bf16 models match their reference.
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _lora(ctx: BatchContext, key: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return ctx.lora.apply(key, x, out) if ctx.lora is not None else out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.prefix = f"model.layers.{layer_idx}.self_attn."
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        cfg, p = self.cfg, self.prefix
+        t = x.shape[0]
+        q = _lora(ctx, p + "q_proj", x, self.q_proj(x)).view(t, cfg.num_heads, cfg.head_dim)
+        k = _lora(ctx, p + "k_proj", x, self.k_proj(x)).view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = _lora(ctx, p + "v_proj", x, self.v_proj(x)).view(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        c, s = cos[:, None, :], sin[:, None, :]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        attn = attend(q, k, v, ctx, self.layer_idx)
+        o = attn.reshape(t, cfg.num_heads * cfg.head_dim)
+        return _lora(ctx, p + "o_proj", o, self.o_proj(o))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BatchContext, layer: int) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its cached + new keys (plain-torch reference path)."""
+    cache = ctx.kv_cache
+    if cache is not None:
+        assert ctx.slot_mapping is not None
+        cache.write(layer, ctx.slot_mapping, k, v)
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    for span in ctx.spans:
+        qs = q[span.start : span.end].transpose(0, 1)  # [H, L, D]
+        if cache is not None and span.cached_len > 0:
+            assert span.block_table is not None
+            ks, vs = cache.gather(layer, span.block_table, span.context_len)
+        else:
+            ks, vs = k[span.start : span.end], v[span.start : span.end]
+        ks = ks.transpose(0, 1).repeat_interleave(groups, dim=0)
+        vs = vs.transpose(0, 1).repeat_interleave(groups, dim=0)
+        if span.cached_len == 0:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        else:
+            # Query i (absolute position cached_len + i) sees keys 0..cached_len + i.
+            qpos = torch.arange(span.cached_len, span.context_len, device=q.device)[:, None]
+            kpos = torch.arange(span.context_len, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=kpos <= qpos)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs, dim=0)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.prefix = f"model.layers.{layer_idx}.mlp."
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        p = self.prefix
+        g = _lora(ctx, p + "gate_proj", x, self.gate_proj(x))
+        u = _lora(ctx, p + "up_proj", x, self.up_proj(x))
+        h = F.silu(g) * u
+        return _lora(ctx, p + "down_proj", h, self.down_proj(h))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, layer_idx)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Parameter names equal HF's (`model.layers.N...`, `lm_head.weight`), so safetensors load by name."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor, ctx: BatchContext, checkpoint_layers: bool = False) -> torch.Tensor:
+        """Final-norm hidden states [T, hidden] of the packed batch (logits are left to the caller)."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(ctx.positions(input_ids.device), x.dtype)
+        for layer in self.model.layers:
+            if checkpoint_layers and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, ctx)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor, ctx: BatchContext | None = None, row_offset: int = 0) -> torch.Tensor:
+        """Logits of rows of `hidden` (rows start at `row_offset` of the batch, for LoRA on the head)."""
+        out = self.lm_head(hidden)
+        if ctx is not None and ctx.lora is not None:
+            out = ctx.lora.apply("lm_head", hidden, out, row_offset=row_offset)
+        return out
+
+    def forward(self, input_ids: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+        return self.logits(self.hidden_states(input_ids, ctx), ctx)

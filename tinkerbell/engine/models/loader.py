@@ -1,0 +1,88 @@
+"""Find a checkpoint (local folder or HF hub cache), read its config, load its safetensors into our module."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tinkerbell.engine.models.config import ModelConfig
+from tinkerbell.engine.models.llama import CausalLM
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve_model_path(model: str, allow_download: bool = False) -> Path:
+    """A local folder as is; otherwise an HF hub id looked up in the local cache (downloaded if allowed)."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelNotFoundError(f"{p} has no config.json; point --model at an HF model folder")
+        return p.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub comes with transformers
+        raise ModelNotFoundError(f"{model!r} is not a local folder and huggingface_hub is missing") from e
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        if not allow_download:
+            raise ModelNotFoundError(
+                f"{model!r} is neither a local folder nor in the HF cache; download it "
+                f"(huggingface-cli download {model}) or pass a folder"
+            ) from None
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns))
+    except Exception as e:
+        raise ModelNotFoundError(f"could not download {model!r}: {e}") from None
+
+
+def read_config(path: Path) -> ModelConfig:
+    cfg = json.loads((path / "config.json").read_text())
+    gen = path / "generation_config.json"
+    if gen.exists() and cfg.get("eos_token_id") is None:
+        cfg["eos_token_id"] = json.loads(gen.read_text()).get("eos_token_id")
+    return ModelConfig.from_hf_dict(cfg)
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
+    cfg = read_config(path)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:  # to_empty gives every parameter its own storage; tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = cfg.inv_freq().to(device)
+    params = dict(model.named_parameters())
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"no *.safetensors in {path}")
+    seen: set[str] = set()
+    with torch.no_grad():
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for name in st.keys():
+                    if name not in params:
+                        continue  # e.g. rotary buffers of older exports
+                    params[name].copy_(st.get_tensor(name).to(dtype))
+                    seen.add(name)
+    missing = set(params) - seen
+    if cfg.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return AutoTokenizer.from_pretrained(str(path))
