@@ -1,0 +1,194 @@
+"""The engine: one thread that owns the model, the KV cache, the LoRA slots and every adapter's optimizer state.
+
+Everything else talks to it through `submit`-style methods that return `concurrent.futures.Future`s. One loop
+interleaves training jobs (run in submission order) with sampler steps (continuous batching), so sampling keeps
+flowing while training runs and nothing but this thread touches model tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tinkerbell.engine.lora import LoraSpec
+from tinkerbell.engine.models.config import ModelConfig
+from tinkerbell.engine.models.loader import load_model, load_tokenizer, read_config, resolve_model_path
+from tinkerbell.engine.sampler import Sampler
+from tinkerbell.engine.training import Trainer
+from tinkerbell.engine.types import AdamParams, ForwardBackwardResult, SampleJob, SampleResult, TrainDatum
+
+log = logging.getLogger("tinkerbell.engine")
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    device: str = "auto"  # auto | cpu | cuda
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    gpu_memory_util: float = 0.4
+    kv_block_size: int = 16
+    max_context: int | None = None  # default: the model's max_position_embeddings, capped at 8192
+    allow_download: bool = False
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[self.dtype]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.path: Path = resolve_model_path(config.model, allow_download=config.allow_download)
+        self.model_config: ModelConfig = read_config(self.path)
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        t0 = time.perf_counter()
+        self.model = load_model(self.path, self.dtype, self.device)
+        self.tokenizer = load_tokenizer(self.path)
+        self.max_context = config.max_context or min(self.model_config.max_position_embeddings, 8192)
+        log.info("loaded %s (%s, %s, %s) in %.1fs", config.model, self.model_config.arch, self.dtype,
+                 self.device, time.perf_counter() - t0)
+        self.trainer = Trainer(self.model, device=self.device)
+        self.sampler = Sampler(
+            self.model,
+            device=self.device,
+            dtype=self.dtype,
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+            block_size=config.kv_block_size,
+            num_blocks=self._kv_blocks(),
+            max_context=self.max_context,
+            eos_token_ids=self.eos_token_ids(),
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
+        )
+        self._jobs: "queue.Queue[tuple[Callable[[], Any], Future]]" = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tinkerbell-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------- metadata
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    def eos_token_ids(self) -> list[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return sorted(ids)
+
+    def _kv_blocks(self) -> int:
+        bs = self.config.kv_block_size
+        cfg = self.model_config
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * self.config.gpu_memory_util)
+        else:
+            budget = 512 * 2**20  # CPU: a fixed 512 MiB of KV is plenty for the tiny models CPUs serve
+        blocks = max(budget // (per_token * bs), 2 * (self.max_context // bs + 1))
+        log.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", blocks, bs, blocks * bs,
+                 blocks * bs * per_token / 2**20)
+        return int(blocks)
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def _call(self, fn: Callable[[], Any]) -> Future:
+        fut: Future = Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            # One training/control job per iteration, then one sampler step: neither starves the other.
+            try:
+                fn, fut = self._jobs.get(timeout=0 if self.sampler.has_work() else 0.05)
+            except queue.Empty:
+                fn = None
+            if fn is not None:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - every failure goes to its future
+                        if not isinstance(e, ValueError):
+                            log.exception("engine job failed")
+                        fut.set_exception(e)
+            if self.sampler.has_work():
+                try:
+                    self.sampler.step()
+                except BaseException:  # noqa: BLE001
+                    log.exception("sampler step failed; failing its running requests")
+                    self.sampler.fail_all(RuntimeError("sampler step failed; see the server log"))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    # ------------------------------------------------------------------------------------------- training
+
+    def create_adapter(self, run_id: str, spec: LoraSpec, seed: int | None) -> Future:
+        return self._call(lambda: self.trainer.create(run_id, spec, seed))
+
+    def forward_backward(self, run_id: str, data: list[TrainDatum], loss_fn: str, loss_config: dict[str, float],
+                         forward_only: bool) -> "Future[ForwardBackwardResult]":
+        return self._call(lambda: self.trainer.forward_backward(run_id, data, loss_fn, loss_config, forward_only))
+
+    def optim_step(self, run_id: str, params: AdamParams) -> "Future[dict[str, float]]":
+        return self._call(lambda: self.trainer.optim_step(run_id, params))
+
+    def save_adapter(self, run_id: str, out_dir: Path, with_optimizer: bool) -> "Future[int]":
+        """Write the run's adapter (PEFT format) and optionally its optimizer state; returns bytes written."""
+        return self._call(lambda: self.trainer.save(run_id, out_dir, with_optimizer, base_model=self.config.model))
+
+    def load_adapter(self, run_id: str, src_dir: Path, with_optimizer: bool) -> "Future[LoraSpec]":
+        """Create run `run_id` from a saved checkpoint (weights, and Adam state if asked)."""
+        return self._call(lambda: self.trainer.load(run_id, src_dir, with_optimizer))
+
+    def drop_adapter(self, run_id: str) -> Future:
+        return self._call(lambda: self.trainer.remove(run_id))
+
+    def publish_to_sampler(self, run_id: str, adapter_key: str) -> Future:
+        """Hand the run's current weights to the sampler under `adapter_key`: an in-memory copy, no disk."""
+
+        def go() -> None:
+            self.sampler.register_adapter(adapter_key, self.trainer.snapshot(run_id))
+
+        return self._call(go)
+
+    # ------------------------------------------------------------------------------------------- sampling
+
+    def register_checkpoint(self, adapter_key: str, src_dir: Path) -> Future:
+        """Make a saved adapter samplable under `adapter_key` (loaded into a slot lazily, on first use)."""
+        return self._call(lambda: self.sampler.register_adapter(adapter_key, src_dir))
+
+    def sample(self, job: SampleJob) -> "Future[SampleResult]":
+        fut: Future = Future()
+
+        def add() -> None:
+            self.sampler.add_request(job, fut)
+
+        # Admission happens on the engine thread; errors in validation fail `fut` directly.
+        inner = self._call(add)
+        inner.add_done_callback(lambda f: f.exception() and not fut.done() and fut.set_exception(f.exception()))
+        return fut
+
+    def stats(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.stats(), "trainer": self.trainer.stats(), "queued_jobs": self._jobs.qsize()}
+
