@@ -1,0 +1,144 @@
+"""Server configuration: one dataclass, filled from the command line, then environment variables, then defaults.
+
+Every flag reads `TINKERBELL_<FLAG>`; the names existing deployments use are honoured as aliases (DESIGN.md,
+Configuration). The command line always wins over the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# flag -> environment variables, first one set wins
+ENV_ALIASES: dict[str, tuple[str, ...]] = {
+    "model": ("TINKERBELL_MODEL", "VLLM_MODEL"),
+    "served_model_name": ("TINKERBELL_SERVED_MODEL_NAME",),
+    "host": ("TINKERBELL_HOST",),
+    "port": ("TINKERBELL_PORT",),
+    "data_dir": ("TINKERBELL_DATA_DIR",),
+    "dtype": ("TINKERBELL_DTYPE",),
+    "api_keys": ("TINKERBELL_API_KEYS",),
+    "no_auth": ("TINKERBELL_NO_AUTH",),
+    "tp": ("TINKERBELL_TP", "VLLM_TENSOR_PARALLEL_SIZE"),
+    "dp": ("TINKERBELL_DP",),
+    "gpu_memory_util": ("TINKERBELL_GPU_MEMORY_UTIL", "VLLM_GPU_MEMORY_UTIL"),
+    "max_loras": ("TINKERBELL_MAX_LORAS", "MAX_LORAS", "VLLM_MAX_LORAS"),
+    "max_lora_rank": ("TINKERBELL_MAX_LORA_RANK", "MAX_LORA_RANK", "VLLM_MAX_LORA_RANK"),
+}
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+class ConfigError(ValueError):
+    """A flag or environment variable has a value the server cannot use; the message names it."""
+
+
+@dataclass
+class ServeConfig:
+    model: str | None = None  # None: the default model if resolvable, else the built-in demo model
+    served_model_name: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8000
+    data_dir: Path = field(default_factory=lambda: Path("data"))
+    dtype: str = "auto"
+    api_keys: list[str] = field(default_factory=list)
+    no_auth: bool = False
+    tp: int = 1
+    dp: int = 1
+    gpu_memory_util: float = 0.4
+    max_loras: int = 8
+    max_lora_rank: int = 64
+    # Not on the command line: knobs tests and embedders set directly.
+    long_poll_seconds: float = 25.0
+    allow_download: bool = True
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use for the base model: exactly --model unless --served-model-name."""
+        assert self.model is not None, "resolve the model first (resolve_default_model)"
+        return self.served_model_name or self.model
+
+    def validate(self) -> "ServeConfig":
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be in 1..65535 (got {self.port})")
+        if self.tp < 1 or self.dp < 1:
+            raise ConfigError(f"--tp and --dp must be >= 1 (got tp={self.tp}, dp={self.dp})")
+        if self.tp != 1 or self.dp != 1:
+            raise ConfigError("--tp > 1 and --dp > 1 are not available in this build yet; use --tp 1 --dp 1")
+        if not 0 < self.gpu_memory_util <= 1:
+            raise ConfigError(f"--gpu-memory-util must be in (0, 1] (got {self.gpu_memory_util})")
+        if self.max_loras < 1:
+            raise ConfigError(f"--max-loras must be >= 1 (got {self.max_loras})")
+        if self.max_lora_rank < 1:
+            raise ConfigError(f"--max-lora-rank must be >= 1 (got {self.max_lora_rank})")
+        for k in self.api_keys:
+            if not k.startswith("tml-"):
+                raise ConfigError(f"API keys must start with 'tml-' (the tinker SDK refuses others): {k[:8]}...")
+        return self
+
+
+def env_value(flag: str, environ: dict[str, str] | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    for name in ENV_ALIASES.get(flag, ()):
+        v = env.get(name)
+        if v not in (None, ""):
+            return v
+    return None
+
+
+def _parse_bool(name: str, v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true/false (got {v!r})")
+
+
+def from_env(environ: dict[str, str] | None = None) -> dict[str, object]:
+    """Values the environment sets, converted to the dataclass' types (flag name -> value)."""
+    out: dict[str, object] = {}
+    conv = {"port": int, "tp": int, "dp": int, "max_loras": int, "max_lora_rank": int, "gpu_memory_util": float}
+    for flag, names in ENV_ALIASES.items():
+        v = env_value(flag, environ)
+        if v is None:
+            continue
+        try:
+            if flag in conv:
+                out[flag] = conv[flag](v)
+            elif flag == "no_auth":
+                out[flag] = _parse_bool(names[0], v)
+            elif flag == "api_keys":
+                out[flag] = [k.strip() for k in v.split(",") if k.strip()]
+            elif flag == "data_dir":
+                out[flag] = Path(v)
+            else:
+                out[flag] = v
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"environment variable {' / '.join(names)} has a bad value {v!r}: {e}") from None
+    return out
+
+
+def resolve_default_model(config: ServeConfig, log=None) -> ServeConfig:
+    """No --model: serve DEFAULT_MODEL when it is cached or downloadable, else the built-in demo model."""
+    if config.model:
+        return config
+    from tinkerbell.engine.models.loader import ModelNotFoundError, resolve_model_path
+    from tinkerbell.engine.models.tiny import ensure_demo_model
+
+    try:
+        resolve_model_path(DEFAULT_MODEL, allow_download=config.allow_download)
+        config.model = DEFAULT_MODEL
+    except ModelNotFoundError as e:
+        demo = ensure_demo_model()
+        if log:
+            log.warning("default model %s unavailable (%s); serving the built-in demo model at %s",
+                        DEFAULT_MODEL, str(e).split(";")[0], demo)
+        config.model = str(demo)
+    return config
