@@ -257,7 +257,6 @@ def test_forward_backward_output_roundtrip_through_sdk():
 
 
 def test_sample_response_roundtrip_through_sdk():
-    k = 2
     res = SampleResult(
         sequences=[
             SampledSequence(tokens=[4, 5, 2], logprobs=[-0.1, -0.2, -0.3], stop_reason="stop",
@@ -280,7 +279,6 @@ def test_sample_response_roundtrip_through_sdk():
     assert got.prompt_logprobs == [None, -2.0, -3.0]
     assert got.topk_prompt_logprobs == [None, [(8, -1.0), (9, -2.0)], [(1, -3.0), (0, -4.0)]]
     assert got.prompt_cache_hit_tokens == 2
-    assert k == 2
 
     plain = SampleResult(sequences=[SampledSequence(tokens=[1], logprobs=[-0.5], stop_reason="length")])
     got = response_conv.deserialize_sample_response(encode_sample_response(plain))

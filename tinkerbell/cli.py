@@ -1,0 +1,215 @@
+"""The `tinkerbell` command line (DESIGN.md, Configuration: the flags are a contract the tests and launch
+scripts rely on).
+
+Every `serve` flag falls back to its environment variable(s) (`tinkerbell.config.ENV_ALIASES`), then to the
+`ServeConfig` default; the command line always wins. docs/configuration.md is generated from this parser
+(scripts/gen_config_docs.py), so help texts here are the reference documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tinkerbell.config import (
+    DTYPES,
+    ENV_ALIASES,
+    ConfigError,
+    ServeConfig,
+    env_value,
+    from_env,
+    resolve_default_model,
+)
+
+log = logging.getLogger("tinkerbell")
+
+# Subcommands the design reserves but this build does not ship yet.
+NOT_YET = {
+    "router": "spread requests over replicas (started by `serve --dp N`)",
+    "bench": "run the sampling / training / concurrency benchmarks",
+}
+
+# (flags, dest, argparse kwargs, help) for `serve`; dest names match ServeConfig fields and ENV_ALIASES keys.
+SERVE_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
+    (("--model",), "model", {"metavar": "M"},
+     "Base model: a Hugging Face id (local cache or download) or a local folder. Clients see it under exactly "
+     "this name. Absent: HuggingFaceTB/SmolLM2-135M-Instruct when cached or downloadable, else the built-in "
+     "demo model."),
+    (("--served-model-name",), "served_model_name", {"metavar": "NAME"},
+     "Name clients use for the base model instead of --model."),
+    (("--host",), "host", {"metavar": "HOST"}, "Address to listen on."),
+    (("--port",), "port", {"type": int, "metavar": "PORT"}, "Port to listen on."),
+    (("--data-dir",), "data_dir", {"type": Path, "metavar": "DIR"},
+     "Holds tinkerbell.db (API keys, sessions, runs, futures) and checkpoints/."),
+    (("--dtype",), "dtype", {"choices": DTYPES},
+     "Weight and activation dtype; auto = bfloat16 on GPU, float32 on CPU."),
+    (("--api-key",), "api_keys", {"action": "append", "metavar": "KEY"},
+     "Accept this API key (repeatable; must start with tml-). The environment variable takes a "
+     "comma-separated list. Keys minted with `tinkerbell keys create` are accepted too."),
+    (("--no-auth",), "no_auth", {"action": "store_true", "default": None},
+     "Accept requests without an API key (local single-user use)."),
+    (("--tp",), "tp", {"type": int, "metavar": "T"}, "Tensor-parallel GPUs per replica (this build runs 1)."),
+    (("--dp",), "dp", {"type": int, "metavar": "D"}, "Data-parallel replicas behind the router (this build runs 1)."),
+    (("--gpu-memory-util",), "gpu_memory_util", {"type": float, "metavar": "F"},
+     "Fraction of GPU memory the sampler's KV cache may take; the rest serves training."),
+    (("--max-loras",), "max_loras", {"type": int, "metavar": "N"},
+     "Adapters resident at once (LoRA slots)."),
+    (("--max-lora-rank",), "max_lora_rank", {"type": int, "metavar": "R"}, "Largest LoRA rank accepted."),
+]
+
+
+def config_default(dest: str) -> Any:
+    f = {f.name: f for f in dataclasses.fields(ServeConfig)}[dest]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def env_names(dest: str) -> tuple[str, ...]:
+    return ENV_ALIASES.get(dest, ())
+
+
+def _serve_help(dest: str, text: str) -> str:
+    default = config_default(dest)
+    shown = "none" if default in (None, []) else default
+    return f"{text} [env: {', '.join(env_names(dest))}; default: {shown}]".replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinkerbell",
+        description="Self-hosted server for the Tinker training API, an OpenAI-compatible API and a console.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the server", description="Run the Tinkerbell server. "
+                           "Every flag falls back to its environment variable, then to its default.")
+    for flags, dest, kwargs, text in SERVE_FLAGS:
+        kw = {"default": None, **kwargs}
+        serve.add_argument(*flags, dest=dest, help=_serve_help(dest, text), **kw)
+
+    keys = sub.add_parser("keys", help="create and list API keys", description="Manage the API keys stored in "
+                          "`<data-dir>/tinkerbell.db` (hashed at rest).")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    data_dir_help = (f"Server data directory [env: {', '.join(env_names('data_dir'))}; "
+                     f"default: {config_default('data_dir')}]")
+    create = keys_sub.add_parser("create", help="mint a new tml-... key and print it once")
+    create.add_argument("--data-dir", type=Path, metavar="DIR", help=data_dir_help)
+    create.add_argument("--tenant", metavar="NAME", help="Tenant the key belongs to (default: a new tenant).")
+    lst = keys_sub.add_parser("list", help="list stored keys (never the secrets)")
+    lst.add_argument("--data-dir", type=Path, metavar="DIR", help=data_dir_help)
+
+    for name, what in NOT_YET.items():
+        sub.add_parser(name, help=f"{what} (not available in this build yet)",
+                       description=f"{what}. Not available in this build yet.")
+    return parser
+
+
+def config_from_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> ServeConfig:
+    """The validated ServeConfig for `serve` arguments (with or without the leading `serve`): flags, then
+    environment (`environ`, default os.environ), then defaults. Raises ConfigError; argparse errors exit 2."""
+    argv = list(argv)
+    if not argv or argv[0] != "serve":
+        argv = ["serve", *argv]
+    args = build_parser().parse_args(argv)
+    return _config(args, os.environ if environ is None else environ)
+
+
+def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> ServeConfig:
+    values: dict[str, Any] = dict(from_env(dict(environ)))
+    for _, dest, _, _ in SERVE_FLAGS:
+        v = getattr(args, dest)
+        if v is not None:
+            values[dest] = v
+    for k in values.get("api_keys", []):
+        if not k.startswith("tml-"):
+            # Name where the key came from; the tinker SDK refuses keys without the prefix client-side.
+            source = "--api-key" if args.api_keys else " / ".join(env_names("api_keys"))
+            raise ConfigError(f"{source}: API keys must start with 'tml-' (got {k[:8]}...)")
+    return ServeConfig(**values).validate()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = _config(args, os.environ)
+    except ConfigError as e:
+        return _fail("serve", str(e))
+    resolve_default_model(config, log)
+    app = _lazy_import("tinkerbell.api.app")  # FastAPI, torch and the engine: only once the config is good
+    if app is None:
+        return _fail("serve", "the API server (tinkerbell.api.app) is not part of this build", code=1)
+    app.serve(config)
+    return 0
+
+
+def _lazy_import(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        return None
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    if args.data_dir is not None:
+        return args.data_dir
+    v = env_value("data_dir")
+    return Path(v) if v is not None else config_default("data_dir")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    auth = _lazy_import("tinkerbell.service.auth")
+    if auth is None:
+        return _fail("keys", "key storage (tinkerbell.service.auth) is not part of this build", code=1)
+    data_dir = _data_dir(args)
+    if args.keys_command == "create":
+        key = auth.create_key(data_dir, args.tenant)
+        print(key)
+        return 0
+    rows = auth.list_keys(data_dir)
+    if not rows:
+        print(f"no API keys in {data_dir}")
+        return 0
+    cols: list[str] = []
+    for r in rows:
+        cols += [c for c in r if c not in cols]
+    table = [cols] + [["" if r.get(c) is None else str(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _fail(command: str, message: str, code: int = 2) -> int:
+    print(f"tinkerbell {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    parser = build_parser()
+    # Known-args parsing lets the reserved subcommands answer "not available" whatever flags they are given.
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    if extra and args.command not in NOT_YET:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "keys":
+        return _keys(args)
+    return _fail(args.command, "not available in this build yet")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
