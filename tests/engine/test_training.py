@@ -245,3 +245,20 @@ def test_bf16_base_model_trains_fp32_masters(tiny_llama_dir):
         last = trainer.forward_backward("r", data, "cross_entropy", {}, False)
     assert last.metrics["loss:sum"] < first.metrics["loss:sum"]
     assert all(t.dtype == torch.bfloat16 for t in trainer.snapshot("r").parameters())
+
+
+def test_autograd_keeps_no_full_vocab_logits(model):
+    """Outside the checkpointed chunks autograd saves nothing vocabulary-wide: each chunk's [rows, vocab] logits
+    are rebuilt in backward instead of being held for the whole batch."""
+    vocab = model.cfg.vocab_size
+    trainer = Trainer(model, CPU, logits_chunk_elems=4 * vocab)
+    trainer.create("r", LoraSpec(rank=2), seed=0)
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.forward_backward("r", _data(vocab), "cross_entropy", {}, False)
+    assert saved and not [s for s in saved if s and s[-1] == vocab]
