@@ -1,7 +1,6 @@
 """LoRA adapters on disk in PEFT format (`adapter_model.safetensors` + `adapter_config.json`).
 
-The files are exactly what `peft.PeftModel.from_pretrained` (and vLLM) load; our extra fields live under the
-`tinkerbell` key of the config, which PEFT ignores.
+The files are exactly what `peft.PeftModel.from_pretrained` (and vLLM) load, and nothing more.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinkerbell.engine.lora import AdapterWeights, LoraSpec
+from tinkerbell.engine.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_KEY, AdapterWeights, LoraSpec
 from tinkerbell.engine.models.config import ModelConfig
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -40,11 +39,6 @@ def save_peft(weights: AdapterWeights, out_dir: Path, base_model: str) -> int:
         "fan_in_fan_out": False,
         "inference_mode": True,
         "target_modules": spec.target_module_names(),
-        "tinkerbell": {
-            "train_attn": spec.train_attn,
-            "train_mlp": spec.train_mlp,
-            "train_unembed": spec.train_unembed,
-        },
     }
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return sum(f.stat().st_size for f in (out_dir / WEIGHTS_FILE, out_dir / CONFIG_FILE))
@@ -52,14 +46,14 @@ def save_peft(weights: AdapterWeights, out_dir: Path, base_model: str) -> int:
 
 def read_spec(src_dir: Path) -> LoraSpec:
     cfg = json.loads((src_dir / CONFIG_FILE).read_text())
-    ours = cfg.get("tinkerbell") or {}
+    # Which module groups are trained is fully told by PEFT's own target_modules.
     targets = set(cfg.get("target_modules") or [])
     return LoraSpec(
         rank=int(cfg["r"]),
         alpha=float(cfg.get("lora_alpha", cfg["r"])),
-        train_attn=bool(ours.get("train_attn", bool(targets & {"q_proj", "k_proj", "v_proj", "o_proj"}))),
-        train_mlp=bool(ours.get("train_mlp", bool(targets & {"gate_proj", "up_proj", "down_proj"}))),
-        train_unembed=bool(ours.get("train_unembed", "lm_head" in targets)),
+        train_attn=bool(targets & set(ATTN_MODULES)),
+        train_mlp=bool(targets & set(MLP_MODULES)),
+        train_unembed=UNEMBED_KEY in targets,
     )
 
 
