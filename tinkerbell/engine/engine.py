@@ -8,9 +8,9 @@ flowing while training runs and nothing but this thread touches model tensors.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,21 @@ from tinkerbell.engine.training import Trainer
 from tinkerbell.engine.types import AdamParams, ForwardBackwardResult, SampleJob, SampleResult, TrainDatum
 
 log = logging.getLogger("tinkerbell.engine")
+
+# Consecutive forward/backward jobs (of any runs) are packed into one batch up to this many tokens.
+MAX_PACKED_TRAIN_TOKENS = 16384
+
+
+@dataclass
+class _Job:
+    fn: Callable[[], Any] | None
+    fut: Future
+    # For forward/backward jobs: (run_id, data, loss_fn, loss_config, forward_only), so the loop can pack them.
+    fwdbwd: tuple | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(d.tokens) for d in self.fwdbwd[1]) if self.fwdbwd else 0
 
 
 @dataclass
@@ -77,7 +92,8 @@ class Engine:
             eos_token_ids=self.eos_token_ids(),
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
         )
-        self._jobs: "queue.Queue[tuple[Callable[[], Any], Future]]" = queue.Queue()
+        self._jobs: deque[_Job] = deque()
+        self._wake = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tinkerbell-engine", daemon=True)
         self._thread.start()
@@ -110,26 +126,73 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- the loop
 
+    def _enqueue(self, job: _Job) -> Future:
+        with self._wake:
+            self._jobs.append(job)
+            self._wake.notify()
+        return job.fut
+
     def _call(self, fn: Callable[[], Any]) -> Future:
-        fut: Future = Future()
-        self._jobs.put((fn, fut))
-        return fut
+        return self._enqueue(_Job(fn, Future()))
+
+    def _next_jobs(self) -> list[_Job]:
+        """The next job, or the run of consecutive forward/backward jobs at the head of the queue (packed)."""
+        with self._wake:
+            if not self._jobs and not self.sampler.has_work():
+                self._wake.wait(timeout=0.05)
+            if not self._jobs:
+                return []
+            first = self._jobs.popleft()
+            batch, tokens = [first], first.tokens
+            while first.fwdbwd and self._jobs and self._jobs[0].fwdbwd:
+                if tokens + self._jobs[0].tokens > MAX_PACKED_TRAIN_TOKENS:
+                    break
+                nxt = self._jobs.popleft()
+                batch.append(nxt)
+                tokens += nxt.tokens
+            return batch
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        live = [j for j in jobs if j.fut.set_running_or_notify_cancel()]
+        if not live:
+            return
+        if live[0].fwdbwd is None:
+            self._settle(live[0].fut, live[0].fn)
+            return
+        # Validate each request on its own (a bad one fails alone), then one packed forward/backward.
+        segments, owners = [], []
+        for job in live:
+            try:
+                segments.append(self.trainer.prepare(*job.fwdbwd))
+                owners.append(job)
+            except Exception as e:  # noqa: BLE001
+                job.fut.set_exception(e)
+        if not segments:
+            return
+        try:
+            results = self.trainer.run_segments(segments)
+        except Exception as e:  # noqa: BLE001
+            log.exception("packed forward/backward failed")
+            for job in owners:
+                job.fut.set_exception(e)
+            return
+        for job, res in zip(owners, results):
+            job.fut.set_result(res)
+
+    @staticmethod
+    def _settle(fut: Future, fn: Callable[[], Any]) -> None:
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - every failure goes to its future
+            if not isinstance(e, ValueError):
+                log.exception("engine job failed")
+            fut.set_exception(e)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            # One training/control job per iteration, then one sampler step: neither starves the other.
-            try:
-                fn, fut = self._jobs.get(timeout=0 if self.sampler.has_work() else 0.05)
-            except queue.Empty:
-                fn = None
-            if fn is not None:
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(fn())
-                    except BaseException as e:  # noqa: BLE001 - every failure goes to its future
-                        if not isinstance(e, ValueError):
-                            log.exception("engine job failed")
-                        fut.set_exception(e)
+            # One training/control job (or one packed training batch) per iteration, then one sampler step:
+            # neither starves the other.
+            self._run_jobs(self._next_jobs())
             if self.sampler.has_work():
                 try:
                     self.sampler.step()
@@ -148,7 +211,7 @@ class Engine:
 
     def forward_backward(self, run_id: str, data: list[TrainDatum], loss_fn: str, loss_config: dict[str, float],
                          forward_only: bool) -> "Future[ForwardBackwardResult]":
-        return self._call(lambda: self.trainer.forward_backward(run_id, data, loss_fn, loss_config, forward_only))
+        return self._enqueue(_Job(None, Future(), (run_id, data, loss_fn, loss_config, forward_only)))
 
     def optim_step(self, run_id: str, params: AdamParams) -> "Future[dict[str, float]]":
         return self._call(lambda: self.trainer.optim_step(run_id, params))
@@ -190,5 +253,5 @@ class Engine:
         return fut
 
     def stats(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.stats(), "trainer": self.trainer.stats(), "queued_jobs": self._jobs.qsize()}
+        return {"sampler": self.sampler.stats(), "trainer": self.trainer.stats(), "queued_jobs": len(self._jobs)}
 
