@@ -1,0 +1,379 @@
+"""The sampler: requests in, one packed model forward per step, futures resolved as requests finish.
+
+Responsibilities are split as in vLLM v1: `Scheduler` (scheduler.py) decides what runs and owns the block
+bookkeeping (`BlockManager`, kv_cache.py); `LoraSlots` (lora_slots.py) keeps adapters resident; this module
+validates requests, turns a schedule into one forward over the paged cache (the model-runner part), computes
+logits only for the rows that need them, samples (sampling.py), applies stop rules and builds results.
+Everything runs on the engine thread, so nothing here locks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinkerbell.engine import sampling
+from tinkerbell.engine.batch import BatchContext, SeqSpan
+from tinkerbell.engine.kv_cache import BlockManager, PagedKVCache
+from tinkerbell.engine.lora import AdapterWeights, LoraBatch, LoraSegment
+from tinkerbell.engine.lora_slots import LoraSlots
+from tinkerbell.engine.models.llama import CausalLM
+from tinkerbell.engine.scheduler import (ScheduledSeq, Scheduler, SeqStatus, Sequence, SequenceGroup)
+from tinkerbell.engine.types import EngineUserError, SampledSequence, SampleJob, SampleResult
+
+MAX_NUM_SAMPLES = 128
+MAX_TOPK_LOGPROBS = 20
+
+
+@dataclass
+class _Rows:
+    """Where one scheduled sequence's logits rows sit among the rows the step computes logits for."""
+
+    seq: Sequence
+    prompt_rows: range  # prompt positions r whose row gives logprob of prompt[r + 1]
+    first: int  # gathered index of the first of those rows
+    sample: int | None  # gathered index of the row to sample from, if the sequence samples this step
+
+
+class Sampler:
+    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, max_loras: int,
+                 max_lora_rank: int, block_size: int, num_blocks: int, max_context: int,
+                 eos_token_ids: list[int], decode: Callable[[list[int]], str], max_batch_tokens: int = 512,
+                 max_running_seqs: int = 256):
+        self.model, self.cfg = model, model.cfg
+        self.device, self.dtype = torch.device(device), dtype
+        self.max_context = max_context
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.decode = decode
+        cfg = self.cfg
+        self.kv = PagedKVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
+                               self.device)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.lora = LoraSlots(cfg, max_loras, max_lora_rank, dtype, self.device)
+        self.scheduler = Scheduler(self.blocks, self.lora, max_batch_tokens, max_running_seqs)
+        self._groups: dict[int, SequenceGroup] = {}
+        self._ids = itertools.count()
+        self._counters = {"requests_finished": 0, "requests_failed": 0, "tokens_generated": 0,
+                          "tokens_computed": 0, "prefix_cache_hit_tokens": 0, "steps": 0}
+
+    # ------------------------------------------------------------------------------------------- adapters
+
+    def register_adapter(self, key: str, source: AdapterWeights | Path) -> None:
+        """In-memory weights (copied now, so the trainer may keep training) or a PEFT checkpoint folder (read
+        on first use). Registering an existing key replaces it; requests already running keep the old weights."""
+        self.lora.register(key, source)
+
+    def unregister_adapter(self, key: str) -> bool:
+        return self.lora.unregister(key)
+
+    # ------------------------------------------------------------------------------------------- requests
+
+    def add_request(self, job: SampleJob, fut: Future) -> None:
+        self._validate(job)
+        prompt = [int(t) for t in job.prompt]
+        p = len(prompt)
+        wants_prompt = job.prompt_logprobs or job.topk_prompt_logprobs > 0
+        first_pos = 1 if job.prompt_logprobs_last_n is None else max(1, p - job.prompt_logprobs_last_n)
+        stop_ids = set(int(t) for t in job.stop_token_ids)
+        if job.stop_at_eos:
+            stop_ids |= self.eos_token_ids
+        group = SequenceGroup(
+            request_id=next(self._ids), job=job, future=fut,
+            params=sampling.SamplingParams(float(job.temperature), int(job.top_k), float(job.top_p)),
+            salt=self.lora.cache_salt(job.adapter_key),
+            first_logprob_row=first_pos - 1 if wants_prompt else p,
+            stop_ids=frozenset(stop_ids),
+        )
+        if job.prompt_logprobs:
+            group.prompt_logprobs = np.full(p, np.nan, dtype=np.float32)
+        if job.topk_prompt_logprobs:
+            group.topk_prompt_ids, group.topk_prompt_logprobs = sampling.empty_topk(p, job.topk_prompt_logprobs)
+        group.seqs.append(self._new_seq(group, 0, prompt))
+        self._groups[group.request_id] = group
+        self.scheduler.add(group.seqs[0])
+
+    def _new_seq(self, group: SequenceGroup, index: int, tokens: list[int]) -> Sequence:
+        gen = sampling.make_generator(group.job.seed, index, self.device)
+        return Sequence(seq_id=next(self._ids), group=group, sample_index=index, tokens=list(tokens), generator=gen)
+
+    def _validate(self, job: SampleJob) -> None:
+        def bad(msg: str) -> EngineUserError:
+            return EngineUserError(msg)
+
+        vocab = self.cfg.vocab_size
+        if not job.prompt:
+            raise bad("prompt: must contain at least one token")
+        lo, hi = min(job.prompt), max(job.prompt)
+        if lo < 0 or hi >= vocab:
+            tok = lo if lo < 0 else hi
+            raise bad(f"prompt: token id {tok} is outside the vocabulary [0, {vocab})")
+        if not 1 <= job.num_samples <= MAX_NUM_SAMPLES:
+            raise bad(f"num_samples: must be between 1 and {MAX_NUM_SAMPLES}, got {job.num_samples}")
+        if job.max_tokens < 1:
+            raise bad(f"max_tokens: must be at least 1, got {job.max_tokens}")
+        p = len(job.prompt)
+        if p + job.max_tokens > self.max_context:
+            raise bad(f"max_tokens: prompt length {p} + max_tokens {job.max_tokens} = {p + job.max_tokens} "
+                      f"exceeds the model's context limit of {self.max_context} tokens")
+        if self.blocks.blocks_for(p + job.max_tokens) > self.blocks.num_blocks:
+            raise bad(f"max_tokens: prompt length {p} + max_tokens {job.max_tokens} does not fit the KV cache "
+                      f"({self.blocks.num_blocks * self.blocks.block_size} tokens)")
+        if not math.isfinite(job.temperature) or job.temperature < 0:
+            raise bad(f"temperature: must be a finite number >= 0, got {job.temperature}")
+        if not math.isfinite(job.top_p) or not 0 < job.top_p <= 1:
+            raise bad(f"top_p: must be in (0, 1], got {job.top_p}")
+        if job.top_k != -1 and job.top_k < 1:
+            raise bad(f"top_k: must be -1 (no limit) or at least 1, got {job.top_k}")
+        k_max = min(MAX_TOPK_LOGPROBS, vocab)
+        for name in ("topk_sample_logprobs", "topk_prompt_logprobs"):
+            k = getattr(job, name)
+            if not 0 <= k <= k_max:
+                raise bad(f"{name}: must be between 0 and {k_max}, got {k}")
+        if job.prompt_logprobs_last_n is not None and job.prompt_logprobs_last_n < 0:
+            raise bad(f"prompt_logprobs_last_n: must be >= 0, got {job.prompt_logprobs_last_n}")
+        if any(not s for s in job.stop_strings):
+            raise bad("stop_strings: stop strings must not be empty")
+        if job.adapter_key is not None and not self.lora.has(job.adapter_key):
+            raise bad(f"adapter_key: unknown adapter {job.adapter_key!r}")
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> None:
+        """One scheduler iteration: schedule, one packed forward, sample, retire finished requests."""
+        self._reap_cancelled()
+        out = self.scheduler.schedule()
+        for group, exc in out.failed:
+            self._fail_group(group, exc)
+        if not out.scheduled:
+            return
+        self._counters["steps"] += 1
+        for src, dst, n in out.copies:
+            self.kv.copy_prefix(src, dst, n)
+        input_ids, ctx, rows, gathered = self._prepare(out.scheduled)
+        with torch.inference_mode():
+            hidden = self.model.hidden_states(input_ids, ctx)
+            # lm_head only over the rows that sample or score a prompt token, never every prefill row.
+            head_ctx = BatchContext(spans=[], lora=self._head_lora(rows))
+            logits = self.model.logits(hidden[gathered], head_ctx).float()
+            logprobs = logits.log_softmax(dim=-1)
+        self._postprocess(out.scheduled, rows, logits, logprobs)
+
+    def _prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, BatchContext, list[_Rows], torch.Tensor]:
+        bs = self.blocks.block_size
+        ids: list[int] = []
+        slots: list[int] = []
+        spans: list[SeqSpan] = []
+        segments: list[LoraSegment] = []
+        rows: list[_Rows] = []
+        gathered: list[int] = []
+        for item in scheduled:
+            seq, n = item.seq, item.num_tokens
+            c0, c1, start = seq.num_computed, seq.num_computed + n, len(ids)
+            ids += seq.tokens[c0:c1]
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(c0, c1)]
+            spans.append(SeqSpan(start=start, length=n, context_len=c1, block_table=table))
+            group = seq.group
+            if group.slot is not None:
+                segments.append(LoraSegment(start, start + n, self.lora.weights(group.slot)))
+            prompt_rows = range(0)
+            if seq.in_prompt_prefill and group.wants_prompt_rows:
+                prompt_rows = range(max(c0, group.first_logprob_row), min(c1, group.prompt_len - 1))
+            first = len(gathered)
+            gathered += [start + r - c0 for r in prompt_rows]
+            sample = None
+            if c1 == len(seq.tokens):
+                sample = len(gathered)
+                gathered.append(start + n - 1)
+            rows.append(_Rows(seq, prompt_rows, first, sample))
+        dev = self.device
+        ctx = BatchContext(spans=spans, kv_cache=self.kv,
+                           slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                           lora=LoraBatch(segments) if segments else None)
+        return (torch.tensor(ids, dtype=torch.long, device=dev), ctx, rows,
+                torch.tensor(gathered, dtype=torch.long, device=dev))
+
+    def _head_lora(self, rows: list[_Rows]) -> LoraBatch | None:
+        """LoRA segments re-indexed onto the gathered rows (each sequence's rows stay contiguous there)."""
+        segments = []
+        for r in rows:
+            n = len(r.prompt_rows) + (r.sample is not None)
+            if n and r.seq.group.slot is not None:
+                segments.append(LoraSegment(r.first, r.first + n, self.lora.weights(r.seq.group.slot)))
+        return LoraBatch(segments) if segments else None
+
+    def _postprocess(self, scheduled: list[ScheduledSeq], rows: list[_Rows], logits: torch.Tensor,
+                     logprobs: torch.Tensor) -> None:
+        draws: list[tuple[Sequence, int]] = []
+        for item, r in zip(scheduled, rows):
+            seq, group = item.seq, item.seq.group
+            seq.num_computed += item.num_tokens
+            self._counters["tokens_computed"] += item.num_tokens
+            self.scheduler.register_full_blocks(seq)
+            if len(r.prompt_rows):
+                self._record_prompt_logprobs(group, r, logprobs)
+            if r.sample is None:
+                continue
+            if not group.prefilled:
+                # The prompt is prefilled once; every sample starts from its last row and shares its blocks.
+                children = [self._new_seq(group, i, seq.tokens) for i in range(1, group.job.num_samples)]
+                group.seqs += children
+                if children:
+                    self.scheduler.fork(seq, children)
+                group.prefilled = True
+                draws += [(s, r.sample) for s in [seq, *children]]
+            else:
+                draws.append((seq, r.sample))
+        if not draws:
+            return
+        index = torch.tensor([g for _, g in draws], dtype=torch.long, device=logits.device)
+        tokens = sampling.sample(logits[index], [s.group.params for s, _ in draws],
+                                 [s.generator for s, _ in draws])
+        token_lps = logprobs[index].gather(-1, tokens[:, None]).squeeze(-1)
+        k_max = max(s.group.job.topk_sample_logprobs for s, _ in draws)
+        topk_ids = topk_lps = None
+        if k_max:
+            topk_ids, topk_lps = sampling.topk(logprobs[index], k_max)
+        tokens_l, lps_l = tokens.tolist(), token_lps.tolist()
+        for i, (seq, _) in enumerate(draws):
+            self._append(seq, tokens_l[i], lps_l[i], topk_ids[i] if topk_ids is not None else None,
+                         topk_lps[i] if topk_lps is not None else None)
+
+    def _record_prompt_logprobs(self, group: SequenceGroup, r: _Rows, logprobs: torch.Tensor) -> None:
+        prompt = group.job.prompt
+        lo, hi = r.prompt_rows.start, r.prompt_rows.stop
+        block = logprobs[r.first:r.first + (hi - lo)]
+        if group.prompt_logprobs is not None:
+            targets = torch.tensor(prompt[lo + 1:hi + 1], dtype=torch.long, device=block.device)
+            group.prompt_logprobs[lo + 1:hi + 1] = block.gather(-1, targets[:, None]).squeeze(-1).cpu().numpy()
+        k = group.job.topk_prompt_logprobs
+        if k:
+            ids, lps = sampling.topk(block, k)
+            assert group.topk_prompt_ids is not None and group.topk_prompt_logprobs is not None
+            group.topk_prompt_ids[lo + 1:hi + 1] = ids
+            group.topk_prompt_logprobs[lo + 1:hi + 1] = lps
+
+    def _append(self, seq: Sequence, token: int, logprob: float, topk_ids: np.ndarray | None,
+                topk_lps: np.ndarray | None) -> None:
+        job = seq.group.job
+        seq.tokens.append(token)
+        seq.logprobs.append(logprob)
+        if job.topk_sample_logprobs:
+            assert topk_ids is not None and topk_lps is not None
+            seq.topk_ids.append(topk_ids[:job.topk_sample_logprobs])
+            seq.topk_logprobs.append(topk_lps[:job.topk_sample_logprobs])
+        self._counters["tokens_generated"] += 1
+        reason = self._stop_reason(seq, token)
+        if reason is None:
+            return
+        self.scheduler.finish(seq, reason)
+        if seq.group.done:
+            self._complete(seq.group)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        job, group = seq.group.job, seq.group
+        if token in group.stop_ids:
+            return "stop"
+        if job.stop_strings:
+            # A stop string ending at the newest token lies within its last 4·len + 2 tokens (a token is at
+            # least one byte, a character at most four), so only that tail is decoded each step.
+            longest = max(len(s) for s in job.stop_strings)
+            tail = seq.tokens[max(seq.num_prompt, len(seq.tokens) - 4 * longest - 2):]
+            text = self.decode(tail)
+            if any(s in text for s in job.stop_strings):
+                return "stop"
+        if seq.num_generated >= job.max_tokens or len(seq.tokens) >= self.max_context:
+            return "length"
+        return None
+
+    # ------------------------------------------------------------------------------------------- results
+
+    def _complete(self, group: SequenceGroup) -> None:
+        self.scheduler.release_slot(group)
+        self._groups.pop(group.request_id, None)
+        self._counters["requests_finished"] += 1
+        self._counters["prefix_cache_hit_tokens"] += group.cache_hit_tokens
+        job = group.job
+        seqs = []
+        for seq in sorted(group.seqs, key=lambda s: s.sample_index):
+            out = SampledSequence(tokens=seq.tokens[seq.num_prompt:], logprobs=list(seq.logprobs),
+                                  stop_reason=seq.stop_reason or "length")
+            if job.topk_sample_logprobs:
+                out.topk_ids = np.stack(seq.topk_ids).astype(np.int32)
+                out.topk_logprobs = np.stack(seq.topk_logprobs).astype(np.float32)
+            seqs.append(out)
+        result = SampleResult(
+            sequences=seqs,
+            prompt_logprobs=group.prompt_logprobs.tolist() if group.prompt_logprobs is not None else None,
+            topk_prompt_ids=group.topk_prompt_ids,
+            topk_prompt_logprobs=group.topk_prompt_logprobs,
+            prompt_cache_hit_tokens=group.cache_hit_tokens,
+        )
+        _resolve(group.future, result=result)
+
+    def _fail_group(self, group: SequenceGroup, exc: BaseException) -> None:
+        self.scheduler.abort(group)
+        self._groups.pop(group.request_id, None)
+        self._counters["requests_failed"] += 1
+        _resolve(group.future, exc=exc)
+
+    def _reap_cancelled(self) -> None:
+        for group in [g for g in self._groups.values() if g.future.cancelled()]:
+            self.scheduler.abort(group)
+            del self._groups[group.request_id]
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every pending request and return to an empty state (all blocks free, no slot pinned). The
+        prefix cache is dropped too: a step that failed half-way may have left blocks half-written."""
+        groups = list(self._groups.values())
+        self._groups.clear()
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+        self.blocks.reset()
+        self.lora.release_all()
+        for group in groups:
+            group.slot = None
+            for seq in group.seqs:
+                seq.status, seq.block_table = SeqStatus.FINISHED, []
+            self._counters["requests_failed"] += 1
+            _resolve(group.future, exc=exc)
+
+    def stats(self) -> dict:
+        sch = self.scheduler
+        return {
+            "running_requests": len({s.group.request_id for s in sch.running}),
+            "running_seqs": len(sch.running),
+            "waiting_seqs": len(sch.waiting),
+            "kv_blocks_used": self.blocks.num_used,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_cached": self.blocks.num_cached,
+            "kv_block_size": self.blocks.block_size,
+            "lora_slots_total": self.lora.max_loras,
+            "lora_slots_resident": self.lora.resident(),
+            "lora_loads": self.lora.loads,
+            "preemptions": sch.num_preemptions,
+            **self._counters,
+        }
+
+
+def _resolve(fut: Future, result: SampleResult | None = None, exc: BaseException | None = None) -> None:
+    """Set a future unless its caller already cancelled it (possible from another thread at any moment)."""
+    if fut.done():
+        return
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
