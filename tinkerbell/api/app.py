@@ -1,0 +1,131 @@
+"""The HTTP application: builds the service around one engine and serves it with uvicorn.
+
+`create_app` opens the store, fails futures a previous process left pending, and wires auth, sessions, runs,
+checkpoints, samplers and the routers. Adapters are not re-registered eagerly: checkpoints load lazily on first
+use. `serve` runs it (HTTP/1.1 keep-alive, long enough that SDK connection pools are not cut between polls).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+from fastapi import FastAPI
+
+from tinkerbell.api import codec, errors, ops
+from tinkerbell.api.tinker import Services
+from tinkerbell.api.tinker import router as tinker_router
+from tinkerbell.config import ServeConfig, resolve_default_model
+from tinkerbell.service.auth import Authenticator
+from tinkerbell.service.checkpoints import CheckpointManager
+from tinkerbell.service.futures import FutureRegistry
+from tinkerbell.service.runs import RunManager
+from tinkerbell.service.samplers import SamplerManager
+from tinkerbell.service.sessions import SessionManager
+from tinkerbell.service.store import Store
+
+if TYPE_CHECKING:
+    from tinkerbell.engine.engine import Engine
+
+log = logging.getLogger("tinkerbell.serve")
+
+
+class _CountRequests:
+    """Pure ASGI middleware counting requests and error answers for /stats and /metrics (408 try_again is
+    a normal long-poll answer, not an error)."""
+
+    def __init__(self, app: Any, counters: ops.OpsCounters):
+        self.app, self.counters = app, counters
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        self.counters.requests += 1
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status >= 400 and status != 408:
+                    self.counters.errors += 1
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)
+
+
+def build_engine(config: ServeConfig) -> "Engine":
+    from tinkerbell.engine.engine import Engine, EngineConfig
+
+    return Engine(EngineConfig(model=config.model or "", dtype=config.dtype, max_loras=config.max_loras,
+                               max_lora_rank=config.max_lora_rank, gpu_memory_util=config.gpu_memory_util,
+                               allow_download=config.allow_download))
+
+
+def build_services(config: ServeConfig, engine: "Engine") -> Services:
+    store = Store(config.data_dir)
+    futures = FutureRegistry(store)
+    futures.recover_after_restart()
+    auth = Authenticator(store, config.data_dir, list(config.api_keys), config.no_auth)
+    sessions = SessionManager(store)
+    checkpoints = CheckpointManager(config.data_dir, store)
+    runs = RunManager(store, futures, sessions, checkpoints, engine, config.model_name, config.max_lora_rank,
+                      codec.encode_forward_backward_output)
+    samplers = SamplerManager(store, futures, sessions, checkpoints, engine, config.model_name,
+                              codec.encode_sample_response)
+    runs.samplers = samplers
+    arch = getattr(getattr(engine, "model_config", None), "arch", None) or "llama"
+    return Services(config=config, engine=engine, store=store, auth=auth, futures=futures, sessions=sessions,
+                    checkpoints=checkpoints, runs=runs, samplers=samplers, model_name=config.model_name, arch=arch)
+
+
+def create_app(config: ServeConfig, engine: "Engine | None" = None) -> FastAPI:
+    if not config.model:
+        resolve_default_model(config, log)
+    owns_engine = engine is None
+    if engine is None:
+        engine = build_engine(config)
+    services = build_services(config, engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if owns_engine:
+                engine.shutdown()
+            services.store.close()
+
+    app = FastAPI(title="Tinkerbell", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.services = services
+    app.state.ops = ops.OpsCounters()
+    errors.install(app)
+    app.include_router(tinker_router)
+    app.include_router(ops.router)
+    app.add_middleware(_CountRequests, counters=app.state.ops)
+    return app
+
+
+def serve(config: ServeConfig) -> None:
+    import uvicorn
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config.validate()
+    if not config.model:
+        resolve_default_model(config, log)
+    app = create_app(config)
+    services: Services = app.state.services
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    log.info("serving %s at http://%s:%d (TINKER_BASE_URL=http://%s:%d)", config.model_name, config.host,
+             config.port, host, config.port)
+    if config.no_auth:
+        log.info("auth is off (--no-auth): any key starting with tml- works, e.g. TINKER_API_KEY=tml-local")
+    elif services.auth.first_key_path is not None:
+        log.info("the first API key is in %s (export TINKER_API_KEY=$(cat %s))", services.auth.first_key_path,
+                 services.auth.first_key_path)
+    else:
+        log.info("API keys: those given with --api-key / TINKERBELL_API_KEYS, or created with `tinkerbell keys "
+                 "create --data-dir %s`", config.data_dir)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_keep_alive=75,
+                access_log=False)
