@@ -70,3 +70,35 @@ def fake_engine() -> Iterator[FakeEngine]:
 def fake_server(tmp_path, fake_engine) -> Iterator[LiveServer]:
     with LiveServer(create_app(make_config(tmp_path / "data"), fake_engine)) as srv:
         yield srv
+
+
+@pytest.fixture
+def app_factory(tmp_path):
+    """Build apps on one data dir (call again for a restart); each gets its own FakeEngine unless given one."""
+    from fastapi.testclient import TestClient
+
+    made: list[tuple[TestClient, FakeEngine]] = []
+
+    def make(engine: FakeEngine | None = None, **kw) -> TestClient:
+        eng = engine or FakeEngine()
+        kw.setdefault("long_poll_seconds", 0.3)
+        client = TestClient(create_app(make_config(tmp_path / "data", **kw), eng))
+        client.__enter__()
+        made.append((client, eng))
+        return client
+
+    yield make
+    for client, eng in reversed(made):
+        eng.gate.set()
+        client.__exit__(None, None, None)
+        eng.shutdown()
+
+
+@pytest.fixture
+def wire(app_factory):
+    from tests.api.helpers import Wire
+
+    client = app_factory()
+    w = Wire(client)
+    w.engine = client.app.state.services.engine
+    return w
