@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from tinkerbell.engine.adapter_io import save_peft
@@ -181,8 +181,6 @@ def test_prompt_logprobs_last_n_and_with_adapter(tiny_llama_dir):
     res = run(sampler, [SampleJob(prompt=prompt, max_tokens=1, prompt_logprobs=True, adapter_key="a")])[0]
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        from peft import LoraConfig, get_peft_model
-
         pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, target_modules=w.spec.target_module_names()))
         for name, p in pm.named_parameters():
             if ".lora_" in name:

@@ -3,6 +3,10 @@ prefix caching, shared prompt blocks of num_samples, LoRA slot eviction and wait
 
 from __future__ import annotations
 
+import math
+import random
+
+import pytest
 import torch
 
 from tinkerbell.engine.types import SampleJob
@@ -150,3 +154,59 @@ def test_running_request_keeps_weights_when_key_is_replaced(tiny_llama_dir):
     assert first.result(timeout=0).sequences[0].tokens == ref["old"]
     assert second.result(timeout=0).sequences[0].tokens == ref["new"]
     assert sampler.stats()["lora_slots_resident"] == ["k"]
+
+
+def _mixed_jobs(seed: int) -> list[SampleJob]:
+    """Random requests: shared prefixes, adapters, num_samples, filters, stops, prompt logprobs."""
+    r = random.Random(seed)
+    out: list[SampleJob] = []
+    for _ in range(14):
+        prompt = [r.randrange(300) for _ in range(r.randrange(1, 40))]
+        if out and r.random() < 0.3:
+            prev = out[-1].prompt
+            prompt = prev[:r.randrange(1, len(prev) + 1)] + prompt[:5]
+        out.append(SampleJob(
+            prompt=prompt, max_tokens=r.randrange(1, 30), num_samples=r.choice([1, 1, 2, 3]),
+            temperature=r.choice([0.0, 1.0, 0.8]), top_k=r.choice([-1, 5]), top_p=r.choice([1.0, 0.9]),
+            seed=r.randrange(100), adapter_key=r.choice([None, "a0", "a1", "a2"]),
+            prompt_logprobs=r.random() < 0.3, prompt_logprobs_last_n=r.choice([None, 3]),
+            topk_sample_logprobs=r.choice([0, 2]), stop_token_ids=[r.randrange(300)],
+            stop_strings=r.choice([[], ["e"]])))
+    return out
+
+
+def _run_mixed(sampler, adapters, jobs: list[SampleJob], per_step: int) -> tuple[list, list[float]]:
+    """Submit `per_step` requests before each step (0: all at once). Returns the tokens and stop reasons
+    (compared exactly) and every logprob returned, flattened (compared with a tolerance)."""
+    for k, w in adapters.items():
+        sampler.register_adapter(k, w)
+    futs, pending = [], list(jobs)
+    while pending or sampler.has_work():
+        for _ in range(per_step or len(pending)):
+            if pending:
+                futs.append(submit(sampler, pending.pop(0)))
+        if sampler.has_work():
+            sampler.step()
+    assert sampler.stats()["kv_blocks_used"] == 0
+    exact, lps = [], []
+    for f in futs:
+        res = f.result(timeout=0)
+        exact.append(([(s.tokens, s.stop_reason) for s in res.sequences],
+                      [math.isnan(x) for x in res.prompt_logprobs or []]))
+        lps += [x for x in res.prompt_logprobs or [] if not math.isnan(x)]
+        lps += [x for s in res.sequences for x in s.logprobs]
+    return exact, lps
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_mixed_load_matches_under_any_cache_budget_and_slot_count(tiny_llama_dir, seed):
+    adapters = {f"a{i}": nonzero_adapter(tiny_llama_dir, rank=2 + i, seed=i) for i in range(3)}
+    ref = _run_mixed(make_sampler(tiny_llama_dir, max_loras=4), adapters, _mixed_jobs(seed), 0)
+    for kw, per_step in [(dict(max_loras=1, num_blocks=18, max_batch_tokens=16), 2),
+                         (dict(max_loras=2, num_blocks=36, block_size=2, max_batch_tokens=7), 1),
+                         (dict(max_loras=2, num_blocks=10, block_size=8, max_batch_tokens=64), 3)]:
+        sampler = make_sampler(tiny_llama_dir, **kw)
+        exact, lps = _run_mixed(sampler, adapters, _mixed_jobs(seed), per_step)
+        assert exact == ref[0], kw
+        assert torch.allclose(torch.tensor(lps), torch.tensor(ref[1]), atol=1e-4), kw
+        assert sampler.stats()["preemptions"] > 0

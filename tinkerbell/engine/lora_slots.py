@@ -94,11 +94,11 @@ class LoraSlots:
     def has(self, key: str) -> bool:
         return key in self._sources
 
-    def cache_salt(self, key: str | None) -> str:
-        """Distinguishes K/V computed under different adapters, or different versions of one key."""
-        if key is None:
-            return ""
-        return f"lora:{key}:{self._sources[key].version}"
+    def cache_salt(self, slot: int) -> str:
+        """Prefix-cache salt of the weights in `slot`: distinguishes K/V computed under different adapters, and
+        under different versions of one key (a slot keeps the version it loaded even after re-registration)."""
+        s = self.slots[slot]
+        return f"lora:{s.key}:{s.version}"
 
     # ------------------------------------------------------------------------------------------- slots
 
@@ -161,7 +161,7 @@ class LoraSlots:
             assert src.path is not None
             try:
                 weights = load_peft(src.path, self.cfg, dtype=self.dtype, device=self.device)
-            except (OSError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint fails only its own requests
                 raise EngineUserError(f"adapter_key: could not load adapter {key!r} from {src.path}: {e}") from e
         rank = src.spec.rank
         view = AdapterWeights(spec=src.spec)

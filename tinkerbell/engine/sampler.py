@@ -87,7 +87,6 @@ class Sampler:
         group = SequenceGroup(
             request_id=next(self._ids), job=job, future=fut,
             params=sampling.SamplingParams(float(job.temperature), int(job.top_k), float(job.top_p)),
-            salt=self.lora.cache_salt(job.adapter_key),
             first_logprob_row=first_pos - 1 if wants_prompt else p,
             stop_ids=frozenset(stop_ids),
         )

@@ -40,11 +40,11 @@ class SequenceGroup:
     job: SampleJob
     future: Future
     params: SamplingParams
-    salt: str  # prefix-cache salt of its adapter version
     first_logprob_row: int  # first prompt row whose logits the request needs (rows up to len(prompt) - 2)
     stop_ids: frozenset[int]  # token ids that end a sample (EOS unless disabled, plus stop_token_ids)
     seqs: list["Sequence"] = field(default_factory=list)
     slot: int | None = None  # pinned LoRA slot (None: base model, or not admitted yet)
+    salt: str = ""  # prefix-cache salt of the adapter weights it runs with (set when its slot is pinned)
     prefilled: bool = False  # the prompt is prefilled and all num_samples sequences exist
     started: bool = False  # admitted at least once
     cache_hit_tokens: int = 0
@@ -193,31 +193,39 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.max_batch_tokens
         out = SchedulerOutput(scheduled=[], copies=[], failed=[])
+        scheduled: set[int] = set()
         preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        # Decodes first (one token each), then the next chunks of unfinished prefills, so a long prompt never
+        # stalls the sequences that are already generating.
+        order = ([s for s in self.running if s.num_uncomputed == 1]
+                 + [s for s in self.running if s.num_uncomputed > 1])
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted as a victim earlier in this loop
             n = min(seq.num_uncomputed, budget)
             copies = self._reserve(seq, n)
             while copies is None:
-                victim = self.running[-1]
+                # Recompute the newest sequence not yet in this step's batch (possibly seq itself).
+                victim = next((s for s in reversed(self.running) if id(s) not in scheduled and s is not seq), seq)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
                 copies = self._reserve(seq, n)
             if copies is None:
-                break  # seq itself was the newest and went back to the queue
+                continue
             out.copies += copies
             out.scheduled.append(ScheduledSeq(seq, n))
+            scheduled.add(id(seq))
             budget -= n
-            i += 1
         # Admitting under block pressure would only preempt again next step.
         if not preempted:
-            budget = self._admit(budget, out)
+            self._admit(budget, out)
         return out
 
-    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+    def _admit(self, budget: int, out: SchedulerOutput) -> None:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_running_seqs:
             seq = self.waiting[0]
@@ -232,6 +240,11 @@ class Scheduler:
                 if group.slot is None:  # every slot is pinned: wait, but let other adapters' requests pass
                     skipped.append(self.waiting.popleft())
                     continue
+                salt = self.lora.cache_salt(group.slot)
+                if salt != group.salt:  # only before its first admission: hashes made under another salt go
+                    group.salt = salt
+                    for s in group.seqs:
+                        s.block_hashes.clear()
             bs = self.blocks.block_size
             # Never serve the last token from cache (its logits are needed), nor a row whose logprob is wanted.
             limit = len(seq.tokens) - 1
@@ -258,7 +271,6 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
-        return budget
 
     def _reserve(self, seq: Sequence, n: int) -> list[tuple[int, int, int]] | None:
         """Blocks for positions [num_computed, num_computed + n) of a running sequence, copying a shared
