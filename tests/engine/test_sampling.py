@@ -18,7 +18,8 @@ def _gens(n: int, seed: int = 5) -> list[torch.Generator]:
 def test_greedy_top_k_1_and_tiny_top_p_are_argmax():
     logits = _logits()
     expected = logits.argmax(-1)
-    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=1),
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1e-30),
+                   SamplingParams(temperature=1.0, top_k=1),
                    SamplingParams(temperature=1.3, top_p=1e-6)):
         got = sampling.sample(logits.clone(), [params] * 3, _gens(3))
         assert torch.equal(got, expected), params

@@ -43,6 +43,9 @@ class _Rows:
 
 
 class Sampler:
+    """Multi-LoRA sampler over one base model. Besides the engine's arguments: `max_batch_tokens` is the token
+    budget of one step (decode tokens + prefill chunks), `max_running_seqs` caps the running batch."""
+
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, max_loras: int,
                  max_lora_rank: int, block_size: int, num_blocks: int, max_context: int,
                  eos_token_ids: list[int], decode: Callable[[list[int]], str], max_batch_tokens: int = 512,

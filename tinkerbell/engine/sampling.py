@@ -13,7 +13,8 @@ Conventions the rest of the system relies on:
   continues its stream where it stopped. Without a seed the base seed is random.
 * Draws use the exponential race (argmax of p / q with q ~ Exp(1)), which is equivalent to multinomial
   sampling, needs one vector of noise per row, and keeps the selection itself a batched argmax.
-* temperature 0 is greedy (argmax), top_k = -1 and top_p = 1 switch those filters off.
+* temperature 0 is greedy (argmax), and so is any temperature below 1e-5, where dividing the logits would
+  overflow to inf; top_k = -1 and top_p = 1 switch those filters off.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 # Empty slots of a top-k table (the wire format's "no data": SDK reads a row of these as absent).
 TOPK_EMPTY_ID = 0
 TOPK_EMPTY_LOGPROB = -99999.0
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def filtered(self) -> bool:
