@@ -94,6 +94,7 @@ class Engine:
         )
         self._jobs: deque[_Job] = deque()
         self._wake = threading.Condition()
+        self._train_batches = 0  # packed forward/backward passes run (one may serve many requests)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tinkerbell-engine", daemon=True)
         self._thread.start()
@@ -169,6 +170,7 @@ class Engine:
                 job.fut.set_exception(e)
         if not segments:
             return
+        self._train_batches += 1
         try:
             results = self.trainer.run_segments(segments)
         except Exception as e:  # noqa: BLE001
@@ -253,5 +255,6 @@ class Engine:
         return fut
 
     def stats(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.stats(), "trainer": self.trainer.stats(), "queued_jobs": len(self._jobs)}
+        return {"sampler": self.sampler.stats(), "trainer": self.trainer.stats(), "queued_jobs": len(self._jobs),
+                "train_batches": self._train_batches}
 
