@@ -121,3 +121,18 @@ def test_ephemeral_sampler_is_bound_to_its_point_in_order_and_survives_restart(a
     h = _sample(w2, sampler, 1).json()
     assert w2.result(h["request_id"]).status_code == 200
     assert w2.c.app.state.services.engine.adapters[sampler] == ("disk", 1)  # reloaded from its files
+
+
+def test_a_model_whose_creation_failed_says_so(wire, tmp_path):
+    sid = wire.session()
+    m = wire.model(sid, 0)
+    path = wire.json_result(wire.post("save_weights", {"model_id": m, "seq_id": 1, "path": "x"})
+                            .json()["request_id"])["path"]
+    folder = tmp_path / "data" / "checkpoints" / m / "weights" / "x"
+    (folder / "adapter_config.json").write_text('{"r": 4}')
+    (folder / "optimizer_state.safetensors").unlink()  # a load with optimizer=true must now fail
+    r = wire.post("load_weights", {"session_id": sid, "model_seq_id": 1, "path": path, "optimizer": True})
+    failed = wire.json_result(r.json()["request_id"])
+    assert failed["category"] == "user" and "optimizer state" in failed["error"]
+    out = wire.json_result(wire.optim(f"{sid}:train:1", 1))
+    assert "could not be created" in out["error"] and "optimizer state" in out["error"]

@@ -88,6 +88,7 @@ class RunManager:
         self.samplers: "SamplerManager | None" = None  # set by the app (samplers need runs, runs need samplers)
         self._queues: dict[str, _ModelQueue] = {}
         self._live: set[str] = set()  # runs whose adapter exists in this process' engine
+        self._dead: dict[str, str] = {}  # runs whose creation failed in this process -> why
         self._tasks: set[asyncio.Task] = set()
         self.tokens_trained = 0
 
@@ -183,6 +184,9 @@ class RunManager:
         self.futures.fail(op.request_id, failure_message(e), category)  # type: ignore[arg-type]
 
     def _check_live(self, model_id: str) -> None:
+        if model_id in self._dead:
+            raise BadRequest(f"training run {model_id} could not be created ({self._dead[model_id]}); create a new "
+                             "training client")
         if model_id not in self._live:
             raise BadRequest(f"training run {model_id} is not loaded in this server (the server restarted since "
                              "it was created); continue from your last save_state checkpoint with "
@@ -214,7 +218,7 @@ class RunManager:
         def start() -> Awaitable[Result]:
             fut = self.engine.create_adapter(model_id, spec, seed)
             self._live.add(model_id)
-            return self._await(fut, lambda _: {"model_id": model_id}, on_error=lambda: self._live.discard(model_id))
+            return self._await(fut, lambda _: {"model_id": model_id}, on_error=self._creation_failed(model_id, fut))
 
         self.enqueue(model_id, 0, rid, "create_model", start)
         return rid, model_id
@@ -257,7 +261,7 @@ class RunManager:
             fut = self.engine.load_adapter(model_id, folder, with_optimizer)
             self._live.add(model_id)
             return self._await(fut, lambda _: {"model_id": model_id, "path": path},
-                               on_error=lambda: self._live.discard(model_id))
+                               on_error=self._creation_failed(model_id, fut))
 
         self.enqueue(model_id, 0, rid, "load_weights", start)
         return rid, model_id
@@ -283,6 +287,14 @@ class RunManager:
             return make(value)
 
         return finish()
+
+    def _creation_failed(self, model_id: str, fut: Future) -> Callable[[], None]:
+        def note() -> None:
+            self._live.discard(model_id)
+            exc = fut.exception() if fut.done() else None
+            self._dead[model_id] = failure_message(exc) if exc is not None else "see the server log"
+
+        return note
 
     # ----------------------------------------------------------------------------------------- numbered ops
 
@@ -357,7 +369,7 @@ class RunManager:
                 self.store.update_run_spec(model_id, spec.rank, spec.train_attn, spec.train_mlp, spec.train_unembed)
                 return {"model_id": model_id, "path": path}
 
-            return self._await(fut, done, on_error=lambda: self._live.discard(model_id))
+            return self._await(fut, done, on_error=self._creation_failed(model_id, fut))
 
         return start
 
