@@ -18,7 +18,7 @@ def client(llama_server):
     base = sc.get_server_capabilities().supported_models[0].model_name
     tc = sc.create_lora_training_client(base_model=base, rank=4, seed=1).result()
     yield tc
-    sc.close()
+    sc.close("success").result()
 
 
 def _tokens(seed: int) -> tuple[np.ndarray, np.ndarray]:

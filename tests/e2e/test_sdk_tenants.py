@@ -35,7 +35,7 @@ def _train(server, key: str, results: dict, errors: list) -> None:
                              types.SamplingParams(max_tokens=len(ids) - n_prompt, temperature=0)).result()
         results[key] = {"path": path, "run": tc.model_id, "answer": list(out.sequences[0].tokens),
                         "want": ids[n_prompt:]}
-        sc.close()
+        sc.close("success").result()
     except Exception as e:  # noqa: BLE001 - reported by the test thread
         errors.append(e)
 
@@ -68,7 +68,7 @@ def test_two_tenants_train_concurrently_without_cross_talk(llama_server):
     with pytest.raises(Exception, match="404|not found|Not Found"):
         sc_bob.create_sampling_client(model_path=alice["path"]).sample(
             types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=1)).result()
-    sc_bob.close()
+    sc_bob.close("success").result()
     # Alice still sees hers.
     assert rest_client(llama_server, KEY_ALICE).get_training_run(alice["run"]).result().training_run_id == alice["run"]
 

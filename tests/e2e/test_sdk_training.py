@@ -70,7 +70,7 @@ def test_training_lowers_loss_and_greedy_sampling_reproduces_the_completion(any_
     base_sampler = sc.create_sampling_client(base_model=base)
     res3 = base_sampler.sample(prompt, num_samples=1, sampling_params=params).result()
     assert list(res3.sequences[0].tokens) != answer_ids
-    sc.close()
+    sc.close("success").result()
 
 
 def test_conformance_script_runs(llama_server):

@@ -45,4 +45,4 @@ def test_downloaded_adapter_loads_in_peft_with_our_logprobs(llama_server, tiny_l
     assert exports == []
     run_id = state.split("/")[2]
     assert "weights/dl" in {c.checkpoint_id for c in rc.list_checkpoints(run_id).result().checkpoints}
-    sc.close()
+    sc.close("success").result()
