@@ -110,3 +110,20 @@ def rest_client(server: ServerProcess, key: str = KEY_ALICE):
     import tinker
 
     return tinker.RestClient(base_url=server.url, api_key=key)
+
+
+def train_until_memorised(tc, datum, lr: float = 1e-2, max_steps: int = 80, target: float = 0.02) -> tuple[float, float]:
+    """forward_backward + optim_step (pipelined, as the cookbook does) until the loss is under `target` × the
+    first loss; returns (first, last) losses. Stopping early keeps Adam from overshooting a memorised answer."""
+    from tinker import types
+
+    first = last = None
+    for _ in range(max_steps):
+        fb = tc.forward_backward([datum], "cross_entropy")
+        opt = tc.optim_step(types.AdamParams(learning_rate=lr))
+        last = fb.result().metrics["loss:sum"]
+        opt.result()
+        first = last if first is None else first
+        if last < target * first:
+            break
+    return first, last

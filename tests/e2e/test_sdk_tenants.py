@@ -9,7 +9,7 @@ import pytest
 import tinker
 from tinker import types
 
-from tests.e2e.conftest import KEY_ALICE, KEY_BOB, rest_client, service_client
+from tests.e2e.conftest import KEY_ALICE, KEY_BOB, rest_client, service_client, train_until_memorised
 
 TEXTS = {KEY_ALICE: "User: Who are you?\nAssistant: I am Alice.", KEY_BOB: "User: Who are you?\nAssistant: I am Bob!"}
 PROMPT = "User: Who are you?\nAssistant:"
@@ -26,9 +26,7 @@ def _train(server, key: str, results: dict, errors: list) -> None:
         w = np.array([0.0] * (n_prompt - 1) + [1.0] * (len(ids) - n_prompt), np.float32)
         datum = types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
                             loss_fn_inputs={"target_tokens": np.array(ids[1:]), "weights": w})
-        for _ in range(30):
-            tc.forward_backward([datum], "cross_entropy")
-            tc.optim_step(types.AdamParams(learning_rate=2e-2))
+        train_until_memorised(tc, datum)
         path = tc.save_weights_for_sampler("mine").result().path
         sampler = sc.create_sampling_client(model_path=path)
         out = sampler.sample(types.ModelInput.from_ints(ids[:n_prompt]), 1,

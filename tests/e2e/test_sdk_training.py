@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from tinker import types
 
-from tests.e2e.conftest import service_client
+from tests.e2e.conftest import service_client, train_until_memorised
 
 COMPLETION = "User: What is your name?\nAssistant: My name is Tinkerbell."
 PROMPT_END = "Assistant:"
@@ -37,18 +37,11 @@ def test_training_lowers_loss_and_greedy_sampling_reproduces_the_completion(any_
     tok = tc.get_tokenizer()
     datum, prompt_ids, answer_ids = _completion_datum(tok)
 
-    first = None
-    last = None
-    for _ in range(40):
-        fb = tc.forward_backward([datum], "cross_entropy")
-        opt = tc.optim_step(types.AdamParams(learning_rate=2e-2))  # pipelined: submitted before fb finishes
-        out = fb.result()
-        opt.result()
-        first = _loss(out) if first is None else first
-        last = _loss(out)
-        assert out.loss_fn_outputs[0]["logprobs"].shape == [len(answer_ids) + len(prompt_ids) - 1]
+    first, _ = train_until_memorised(tc, datum)
+    out = tc.forward([datum], "cross_entropy").result()
+    assert out.loss_fn_outputs[0]["logprobs"].shape == [len(answer_ids) + len(prompt_ids) - 1]
     final = _loss(tc.forward([datum], "cross_entropy").result())
-    assert final < 0.1 * first, (first, last, final)
+    assert final < 0.1 * first, (first, final)
 
     params = types.SamplingParams(max_tokens=len(answer_ids), temperature=0.0)
     prompt = types.ModelInput.from_ints(prompt_ids)
