@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from tinkerbell.engine.kernels.paged_attention import PagedAttnMeta
     from tinkerbell.engine.kv_cache import PagedKVCache
     from tinkerbell.engine.lora import LoraBatch
 
@@ -44,7 +45,11 @@ class BatchContext:
     kv_cache: "PagedKVCache | None" = None
     # Flat cache slot (block * block_size + offset) of every token in the batch; set when kv_cache is.
     slot_mapping: torch.Tensor | None = None
-    lora: "LoraBatch | None" = None
+    lora: "LoraBatch | None" = None  # or any object with the same `apply` (lora_gathered.GatheredLora)
+    # Fast path: attention shape as device tensors (paged kernel instead of the per-span loop) and positions
+    # as a device tensor. With these set, a forward reads nothing from `spans`, so it can be graph-captured.
+    attn: "PagedAttnMeta | None" = None
+    position_ids: torch.Tensor | None = None
 
     @classmethod
     def for_packed(cls, lengths: list[int], lora: "LoraBatch | None" = None) -> "BatchContext":
@@ -56,5 +61,7 @@ class BatchContext:
         return cls(spans=spans, lora=lora)
 
     def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        if self.position_ids is not None:
+            return self.position_ids
         parts = [torch.arange(s.cached_len, s.context_len, dtype=torch.long) for s in self.spans]
         return torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.long, device=device)

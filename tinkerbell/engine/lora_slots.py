@@ -57,6 +57,8 @@ class LoraSlots:
                 fan_in, fan_out = module_shape(cfg, key)
                 self.a[key] = torch.zeros(max_loras, max_lora_rank, fan_in, dtype=dtype, device=self.device)
                 self.b[key] = torch.zeros(max_loras, fan_out, max_lora_rank, dtype=dtype, device=self.device)
+        # alpha / rank of each slot's adapter, for the gathered kernels (which see all slots at once).
+        self.scales = torch.zeros(max(max_loras, 1), dtype=torch.float32, device=self.device)
         self.slots = [_Slot() for _ in range(max_loras)]
         self._sources: dict[str, _Source] = {}
         self._resident: dict[str, int] = {}  # key -> slot holding its current version
@@ -176,6 +178,7 @@ class LoraSlots:
                 self.b[k][slot, :, :rank].copy_(weights.b[k])
                 view.a[k] = self.a[k][slot, :rank]
                 view.b[k] = self.b[k][slot, :, :rank]
+            self.scales[slot] = src.spec.scale
         self.slots[slot] = _Slot(key=key, version=src.version, view=view)
         self._resident[key] = slot
         self.loads += 1

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinkerbell.engine.batch import BatchContext
+from tinkerbell.engine.kernels.paged_attention import paged_attention
 from tinkerbell.engine.models.config import ModelConfig
 
 
@@ -38,6 +39,22 @@ def _lora(ctx: BatchContext, key: str, x: torch.Tensor, out: torch.Tensor) -> to
     return ctx.lora.apply(key, x, out) if ctx.lora is not None else out
 
 
+def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears over the same input; each linear's parameters become views
+    into it, so the HF names still load, train and save, and the base weights exist once."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
+    start = 0
+    for m in linears:
+        n = m.out_features
+        m.weight = nn.Parameter(weight[start:start + n], requires_grad=m.weight.requires_grad)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start:start + n], requires_grad=m.bias.requires_grad)
+        start += n
+    return weight, bias
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -51,13 +68,23 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        with torch.no_grad():
+            self.qkv = _fuse([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         cfg, p = self.cfg, self.prefix
         t = x.shape[0]
-        q = _lora(ctx, p + "q_proj", x, self.q_proj(x)).view(t, cfg.num_heads, cfg.head_dim)
-        k = _lora(ctx, p + "k_proj", x, self.k_proj(x)).view(t, cfg.num_kv_heads, cfg.head_dim)
-        v = _lora(ctx, p + "v_proj", x, self.v_proj(x)).view(t, cfg.num_kv_heads, cfg.head_dim)
+        if self.qkv is not None:
+            q, k, v = F.linear(x, *self.qkv).split(
+                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = _lora(ctx, p + "q_proj", x, q).view(t, cfg.num_heads, cfg.head_dim)
+        k = _lora(ctx, p + "k_proj", x, k).view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = _lora(ctx, p + "v_proj", x, v).view(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         c, s = cos[:, None, :], sin[:, None, :]
@@ -74,6 +101,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BatchContext,
     if cache is not None:
         assert ctx.slot_mapping is not None
         cache.write(layer, ctx.slot_mapping, k, v)
+    if ctx.attn is not None:
+        assert cache is not None, "paged attention metadata without a KV cache"
+        return paged_attention(q, cache.k[layer], cache.v[layer], ctx.attn, cache.block_size)
     groups = q.shape[1] // k.shape[1]
     outs = []
     for span in ctx.spans:
@@ -103,11 +133,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        with torch.no_grad():
+            self.gate_up = _fuse([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         p = self.prefix
-        g = _lora(ctx, p + "gate_proj", x, self.gate_proj(x))
-        u = _lora(ctx, p + "up_proj", x, self.up_proj(x))
+        if self.gate_up is not None:
+            g, u = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+        else:
+            g, u = self.gate_proj(x), self.up_proj(x)
+        g = _lora(ctx, p + "gate_proj", x, g)
+        u = _lora(ctx, p + "up_proj", x, u)
         h = F.silu(g) * u
         return _lora(ctx, p + "down_proj", h, self.down_proj(h))
 
@@ -144,6 +183,13 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up into one matmul each (the parameters stay, as views). Call after loading and
+        after any move: `.to()` would give the views their own storage again."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]

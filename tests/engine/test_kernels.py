@@ -1,0 +1,147 @@
+"""Fast-path building blocks against the reference paths, on the CPU: paged attention (torch form, and the
+Triton kernel under TRITON_INTERPRET where Triton is installed), gathered multi-LoRA vs the segment loop, and
+fused projections vs separate ones. The kernels themselves run on the GPU in bench/sampling_speed.py."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from tinkerbell.engine.batch import BatchContext, SeqSpan
+from tinkerbell.engine.kernels import paged_attention as pa
+from tinkerbell.engine.kernels.lora_sgmv import TILE_M, LoraTiles, lora_apply, plan_tiles
+from tinkerbell.engine.kv_cache import PagedKVCache
+from tinkerbell.engine.lora import AdapterWeights, LoraBatch, LoraSegment, LoraSpec
+from tinkerbell.engine.lora_gathered import GatheredLora
+from tinkerbell.engine.lora_slots import LoraSlots
+from tinkerbell.engine.models import llama
+from tinkerbell.engine.models.loader import load_model, read_config
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.fixture(params=["torch", "triton-interpret"])
+def backend(request, monkeypatch):
+    if request.param == "triton-interpret":
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        _patch_interpreter_scalar_index(monkeypatch)
+    return request.param
+
+
+def _patch_interpreter_scalar_index(monkeypatch) -> None:
+    """Triton's CPU interpreter turns a loaded scalar into an int with int(array) of shape (1,), which numpy 2
+    refuses; data-dependent loop bounds (a token's context length) need it. Interpreter-only, tests-only."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+
+
+def _attn_batch(block_size: int = 4):
+    """Mixed batch: a fresh prompt, a prompt chunk over a cached prefix, two decode tokens; shuffled tables."""
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, d = 8, 2, 16
+    cache = PagedKVCache(1, 32, block_size, kv_heads, d, torch.float32, "cpu")
+    cache.k[0].normal_(generator=g)
+    cache.v[0].normal_(generator=g)
+    perm = torch.randperm(32, generator=g).tolist()
+    shapes = [(7, 7), (5, 13), (1, 9), (1, 22)]  # (new tokens, context after this step)
+    spans, start = [], 0
+    for n, c in shapes:
+        nb = -(-c // block_size)
+        spans.append(SeqSpan(start, n, c, [perm.pop() for _ in range(nb)]))
+        start += n
+    slots = torch.cat([cache.slots(s.block_table, s.context_len)[s.cached_len:] for s in spans])
+    q = torch.randn(start, heads, d, generator=g)
+    k = torch.randn(start, kv_heads, d, generator=g)
+    v = torch.randn(start, kv_heads, d, generator=g)
+    return cache, spans, slots, q, k, v
+
+
+def test_paged_attention_equals_span_loop(backend):
+    cache, spans, slots, q, k, v = _attn_batch()
+    ref = llama.attend(q, k, v, BatchContext(spans, cache, slots), 0)
+    meta = pa.meta_for_spans(spans, "cpu")
+    got = llama.attend(q, k, v, BatchContext(spans, cache, slots, attn=meta), 0)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+def _slots_with_adapters(cfg, n: int, rank: int):
+    slots = LoraSlots(cfg, max_loras=n, max_lora_rank=16, dtype=torch.float32, device="cpu")
+    weights = []
+    for i in range(n):
+        w = AdapterWeights.init(cfg, LoraSpec(rank=rank + i, train_mlp=i % 2 == 0), seed=i)
+        g = torch.Generator().manual_seed(100 + i)
+        for key in w.b:
+            w.b[key] = torch.randn(w.b[key].shape, generator=g)
+        slots.register(f"a{i}", w)
+        assert slots.acquire(f"a{i}") == i
+        weights.append(slots.weights(i))
+    return slots, weights
+
+
+def test_tile_plan_groups_rows_by_slot():
+    rows, tiles, groups = plan_tiles(np.array([2, -1, 0, 2] + [1] * 20), num_tiles=8)
+    assert groups == [(0, 0, 1), (1, 1, 21), (2, 21, 23)]
+    assert rows[:1].tolist() == [2] and rows[21:].tolist() == [0, 3]
+    live = tiles[tiles[:, 2] > 0].tolist()
+    assert live == [[0, 0, 1], [1, 1, TILE_M], [1, 1 + TILE_M, 20 - TILE_M], [2, 21, 2]]
+    assert (tiles[len(live):, 2] == 0).all()
+
+
+def test_gathered_lora_equals_segment_loop(tiny_llama_dir, backend):
+    cfg = read_config(tiny_llama_dir)
+    slots, weights = _slots_with_adapters(cfg, 3, rank=2)
+    row_slots = [1] * 5 + [-1] * 3 + [0] * 20 + [2] * 2 + [1] * 3
+    g = torch.Generator().manual_seed(3)
+    for key in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
+        fan_in, fan_out = slots.a[key].shape[2], slots.b[key].shape[1]
+        x = torch.randn(len(row_slots), fan_in, generator=g)
+        base = torch.randn(len(row_slots), fan_out, generator=g)
+        segments, start = [], 0
+        for i in range(1, len(row_slots) + 1):
+            if i == len(row_slots) or row_slots[i] != row_slots[start]:
+                s = row_slots[start]
+                segments.append(LoraSegment(start, i, weights[s] if s >= 0 else None))
+                start = i
+        ref = LoraBatch(segments).apply(key, x, base.clone())
+        got = GatheredLora.for_rows(slots, row_slots, torch.device("cpu")).apply(key, x, base.clone())
+        assert (got - ref).abs().max().item() < 1e-4, key
+        # Writing into a column slice of a wider output (the fused QKV case) leaves the other columns alone.
+        wide = torch.cat([base, base], dim=1)
+        GatheredLora.for_rows(slots, row_slots, torch.device("cpu")).apply(key, x, wide[:, :fan_out])
+        assert (wide[:, :fan_out] - ref).abs().max().item() < 1e-4 and torch.equal(wide[:, fan_out:], base)
+
+
+def test_padded_tile_plan_is_a_no_op_for_missing_rows(tiny_llama_dir):
+    cfg = read_config(tiny_llama_dir)
+    slots, _ = _slots_with_adapters(cfg, 1, rank=2)
+    rows, tiles, groups = plan_tiles(np.array([-1, -1]), num_tiles=4)
+    plan = LoraTiles(torch.from_numpy(rows), *torch.from_numpy(tiles.T.copy()), groups=groups)
+    key = "lm_head"
+    x, out = torch.randn(2, slots.a[key].shape[2]), torch.randn(2, slots.b[key].shape[1])
+    assert torch.equal(lora_apply(x, out.clone(), slots.a[key], slots.b[key], slots.scales, plan), out)
+
+
+def test_fused_projections_equal_separate(tiny_qwen2_dir):
+    fused = load_model(tiny_qwen2_dir, torch.float32, "cpu")
+    plain = llama.CausalLM(fused.cfg)
+    plain.load_state_dict(fused.state_dict())  # separate storage: no fused weights on this one
+    assert fused.model.layers[0].self_attn.qkv is not None and plain.model.layers[0].self_attn.qkv is None
+    attn = fused.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == attn.qkv[0].data_ptr()  # a view, not a second copy
+    assert "model.layers.0.self_attn.q_proj.weight" in dict(fused.named_parameters())
+    ids = torch.randint(0, fused.cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(0))
+    ctx = BatchContext.for_packed([5, 7])
+    with torch.no_grad():
+        assert (fused(ids, ctx) - plain(ids, ctx)).abs().max().item() < 1e-4
