@@ -138,7 +138,8 @@ def resolve_default_model(config: ServeConfig, log=None) -> ServeConfig:
     except ModelNotFoundError as e:
         demo = ensure_demo_model()
         if log:
+            reason = (str(e).splitlines() or [""])[0].split(";")[0]
             log.warning("default model %s unavailable (%s); serving the built-in demo model at %s",
-                        DEFAULT_MODEL, str(e).split(";")[0], demo)
+                        DEFAULT_MODEL, reason, demo)
         config.model = str(demo)
     return config

@@ -94,7 +94,7 @@ def build_tiny_model(
         kwargs["head_dim"] = hidden_size // num_heads
     config = AutoConfig.for_model(arch, **kwargs)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(out), safe_serialization=True)
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id})
