@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tinkerbell.samplers")
 
+# Ephemeral samplers of one training run kept as in-memory copies; older ones (an RL loop makes one per step)
+# are demoted to their files on disk, so memory stays bounded while every sampler stays usable.
+EPHEMERAL_IN_MEMORY_PER_RUN = 2
+
 
 class SamplerManager:
     def __init__(self, store: Store, futures: FutureRegistry, sessions: SessionManager,
@@ -40,6 +44,7 @@ class SamplerManager:
         self.model_name = model_name
         self.encode_sample = encode_sample
         self._registered: set[str] = set()  # adapter keys the engine knows in this process
+        self._in_memory: dict[str, list[tuple[str, Path]]] = {}  # run -> persisted ephemeral (key, folder), oldest first
         self._tasks: set[asyncio.Task] = set()
         self.samples_requested = 0
         self.tokens_sampled = 0
@@ -89,11 +94,21 @@ class SamplerManager:
 
                     shutil.rmtree(final, ignore_errors=True)
                 staging.rename(final)
+                self._demote_old_ephemerals(model_id, sampler_id, final)
             except BaseException as e:  # noqa: BLE001 - durability only; the in-memory sampler still works
                 log.warning("could not persist the weights of sampler %s: %s", sampler_id, e)
                 self.checkpoints.discard(staging)
 
         self._spawn(persist())
+
+    def _demote_old_ephemerals(self, model_id: str, sampler_id: str, folder: Path) -> None:
+        kept = self._in_memory.setdefault(model_id, [])
+        kept.append((sampler_id, folder))
+        while len(kept) > EPHEMERAL_IN_MEMORY_PER_RUN:
+            key, old = kept.pop(0)
+            # Re-registering the key with its folder replaces the in-memory copy; it reloads from disk on use.
+            self.engine.register_checkpoint(key, old)
+            log.info("sampler %s: in-memory weights released; it reloads from %s when used", key, old)
 
     def invalidate(self, adapter_key: str) -> None:
         """The weights behind `adapter_key` changed (overwrite) or never arrived: register again on next use."""
