@@ -134,9 +134,10 @@ def test_padded_tile_plan_is_a_no_op_for_missing_rows(tiny_llama_dir):
 
 
 def test_fused_projections_equal_separate(tiny_qwen2_dir):
-    fused = load_model(tiny_qwen2_dir, torch.float32, "cpu")
-    plain = llama.CausalLM(fused.cfg)
-    plain.load_state_dict(fused.state_dict())  # separate storage: no fused weights on this one
+    plain = load_model(tiny_qwen2_dir, torch.float32, "cpu")
+    fused = llama.CausalLM(plain.cfg)
+    fused.load_state_dict(plain.state_dict())
+    fused.fuse_projections()
     assert fused.model.layers[0].self_attn.qkv is not None and plain.model.layers[0].self_attn.qkv is None
     attn = fused.model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == attn.qkv[0].data_ptr()  # a view, not a second copy

@@ -79,7 +79,7 @@ def test_duplicate_registration_keeps_the_first_block():
 def test_copy_prefix_copies_every_layer():
     cache = PagedKVCache(2, 3, 4, 1, 2, torch.float32, "cpu")
     for layer in range(2):
-        cache.k[layer][:] = torch.arange(12, dtype=torch.float32)[:, None, None] + 100 * layer
+        cache.k[layer][:12] = torch.arange(12, dtype=torch.float32)[:, None, None] + 100 * layer
         cache.v[layer][:] = -cache.k[layer]
     cache.copy_prefix(0, 2, 3)
     for layer in range(2):

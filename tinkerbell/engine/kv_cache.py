@@ -31,7 +31,10 @@ class PagedKVCache:
         device: torch.device | str,
     ):
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        # One block past the managed ones: padding rows of a captured decode batch write there, never into a
+        # sequence's blocks (the block manager never hands it out).
+        self.scratch_block = num_blocks
+        shape = ((num_blocks + 1) * block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 

@@ -5,6 +5,11 @@ bookkeeping (`BlockManager`, kv_cache.py); `LoraSlots` (lora_slots.py) keeps ada
 validates requests, turns a schedule into one forward over the paged cache (the model-runner part), computes
 logits only for the rows that need them, samples (sampling.py), applies stop rules and builds results.
 Everything runs on the engine thread, so nothing here locks.
+
+Two forward paths share everything else: the reference (plain torch: per-span attention, per-segment LoRA,
+per-row generators; the CPU default) and the fast path (runner.py: paged Triton attention, gathered
+multi-LoRA, fused projections, CUDA graphs for decode, batched sampling; the GPU default). Either way a step
+ends with one device→host copy of the sampled tokens and their logprobs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tinkerbell.engine.kv_cache import BlockManager, PagedKVCache
 from tinkerbell.engine.lora import AdapterWeights, LoraBatch, LoraSegment
 from tinkerbell.engine.lora_slots import LoraSlots
 from tinkerbell.engine.models.llama import CausalLM
+from tinkerbell.engine.runner import ModelRunner, StepPlan
 from tinkerbell.engine.scheduler import (ScheduledSeq, Scheduler, SeqStatus, Sequence, SequenceGroup)
 from tinkerbell.engine.types import EngineUserError, SampledSequence, SampleJob, SampleResult
 
@@ -44,12 +50,13 @@ class _Rows:
 
 class Sampler:
     """Multi-LoRA sampler over one base model. Besides the engine's arguments: `max_batch_tokens` is the token
-    budget of one step (decode tokens + prefill chunks), `max_running_seqs` caps the running batch."""
+    budget of one step (decode tokens + prefill chunks), `max_running_seqs` caps the running batch, `fast`
+    picks the fast path (default: on CUDA) and `cuda_graphs` lets it capture decode steps."""
 
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, max_loras: int,
                  max_lora_rank: int, block_size: int, num_blocks: int, max_context: int,
                  eos_token_ids: list[int], decode: Callable[[list[int]], str], max_batch_tokens: int = 512,
-                 max_running_seqs: int = 256):
+                 max_running_seqs: int = 256, fast: bool | None = None, cuda_graphs: bool = True):
         self.model, self.cfg = model, model.cfg
         self.device, self.dtype = torch.device(device), dtype
         self.max_context = max_context
@@ -61,6 +68,11 @@ class Sampler:
         self.blocks = BlockManager(num_blocks, block_size)
         self.lora = LoraSlots(cfg, max_loras, max_lora_rank, dtype, self.device)
         self.scheduler = Scheduler(self.blocks, self.lora, max_batch_tokens, max_running_seqs)
+        self.fast = self.device.type == "cuda" if fast is None else fast
+        self.runner: ModelRunner | None = None
+        if self.fast:
+            model.fuse_projections()
+            self.runner = ModelRunner(model, self.kv, self.lora, self.device, max_context, cuda_graphs)
         self._groups: dict[int, SequenceGroup] = {}
         self._ids = itertools.count()
         self._counters = {"requests_finished": 0, "requests_failed": 0, "tokens_generated": 0,
@@ -102,8 +114,12 @@ class Sampler:
         self.scheduler.add(group.seqs[0])
 
     def _new_seq(self, group: SequenceGroup, index: int, tokens: list[int]) -> Sequence:
-        gen = sampling.make_generator(group.job.seed, index, self.device)
-        return Sequence(seq_id=next(self._ids), group=group, sample_index=index, tokens=list(tokens), generator=gen)
+        if self.fast:
+            gen, seed = None, sampling.derive_seed(group.job.seed, index)
+        else:
+            gen, seed = sampling.make_generator(group.job.seed, index, self.device), 0
+        return Sequence(seq_id=next(self._ids), group=group, sample_index=index, tokens=list(tokens), generator=gen,
+                        seed=seed)
 
     def _validate(self, job: SampleJob) -> None:
         def bad(msg: str) -> EngineUserError:
@@ -161,61 +177,61 @@ class Sampler:
         self._counters["steps"] += 1
         for src, dst, n in out.copies:
             self.kv.copy_prefix(src, dst, n)
-        input_ids, ctx, rows, gathered = self._prepare(out.scheduled)
+        plan, rows = self._plan(out.scheduled)
         with torch.inference_mode():
-            hidden = self.model.hidden_states(input_ids, ctx)
             # lm_head only over the rows that sample or score a prompt token, never every prefill row.
-            head_ctx = BatchContext(spans=[], lora=self._head_lora(rows))
-            logits = self.model.logits(hidden[gathered], head_ctx).float()
-            logprobs = logits.log_softmax(dim=-1)
-        self._postprocess(out.scheduled, rows, logits, logprobs)
+            logits = self.runner.logits(plan) if self.runner is not None else self._reference_logits(plan)
+            # Logprobs as logits - logsumexp, formed only for the rows that need them (never a [R, V] copy).
+            lse = logits.logsumexp(dim=-1)
+            self._postprocess(out.scheduled, rows, logits, lse)
 
-    def _prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, BatchContext, list[_Rows], torch.Tensor]:
+    def _plan(self, scheduled: list[ScheduledSeq]) -> tuple[StepPlan, list[_Rows]]:
         bs = self.blocks.block_size
-        ids: list[int] = []
-        slots: list[int] = []
-        spans: list[SeqSpan] = []
-        segments: list[LoraSegment] = []
+        plan = StepPlan()
         rows: list[_Rows] = []
-        gathered: list[int] = []
         for item in scheduled:
             seq, n = item.seq, item.num_tokens
-            c0, c1, start = seq.num_computed, seq.num_computed + n, len(ids)
-            ids += seq.tokens[c0:c1]
+            c0, c1, start = seq.num_computed, seq.num_computed + n, len(plan.ids)
+            plan.ids += seq.tokens[c0:c1]
             table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in range(c0, c1)]
-            spans.append(SeqSpan(start=start, length=n, context_len=c1, block_table=table))
+            plan.slots += [table[p // bs] * bs + p % bs for p in range(c0, c1)]
+            plan.spans.append(SeqSpan(start=start, length=n, context_len=c1, block_table=table))
             group = seq.group
-            if group.slot is not None:
-                segments.append(LoraSegment(start, start + n, self.lora.weights(group.slot)))
+            slot = -1 if group.slot is None else group.slot
+            plan.token_lora += [slot] * n
             prompt_rows = range(0)
             if seq.in_prompt_prefill and group.wants_prompt_rows:
                 prompt_rows = range(max(c0, group.first_logprob_row), min(c1, group.prompt_len - 1))
-            first = len(gathered)
-            gathered += [start + r - c0 for r in prompt_rows]
+            first = len(plan.gathered)
+            plan.gathered += [start + r - c0 for r in prompt_rows]
             sample = None
             if c1 == len(seq.tokens):
-                sample = len(gathered)
-                gathered.append(start + n - 1)
+                sample = len(plan.gathered)
+                plan.gathered.append(start + n - 1)
+            plan.gathered_lora += [slot] * (len(plan.gathered) - first)
             rows.append(_Rows(seq, prompt_rows, first, sample))
-        dev = self.device
-        ctx = BatchContext(spans=spans, kv_cache=self.kv,
-                           slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                           lora=LoraBatch(segments) if segments else None)
-        return (torch.tensor(ids, dtype=torch.long, device=dev), ctx, rows,
-                torch.tensor(gathered, dtype=torch.long, device=dev))
+        return plan, rows
 
-    def _head_lora(self, rows: list[_Rows]) -> LoraBatch | None:
-        """LoRA segments re-indexed onto the gathered rows (each sequence's rows stay contiguous there)."""
-        segments = []
-        for r in rows:
-            n = len(r.prompt_rows) + (r.sample is not None)
-            if n and r.seq.group.slot is not None:
-                segments.append(LoraSegment(r.first, r.first + n, self.lora.weights(r.seq.group.slot)))
+    def _reference_logits(self, plan: StepPlan) -> torch.Tensor:
+        dev = self.device
+        ctx = BatchContext(spans=plan.spans, kv_cache=self.kv,
+                           slot_mapping=torch.tensor(plan.slots, dtype=torch.long, device=dev),
+                           lora=self._segments(plan.token_lora))
+        hidden = self.model.hidden_states(torch.tensor(plan.ids, dtype=torch.long, device=dev), ctx)
+        head_ctx = BatchContext(spans=[], lora=self._segments(plan.gathered_lora))
+        return self.model.logits(hidden[torch.tensor(plan.gathered, dtype=torch.long, device=dev)], head_ctx).float()
+
+    def _segments(self, row_slots: list[int]) -> LoraBatch | None:
+        """The segment loop's form of per-row slots: one segment per run of rows with the same adapter."""
+        segments: list[LoraSegment] = []
+        for slot, run in itertools.groupby(enumerate(row_slots), key=lambda x: x[1]):
+            idx = [i for i, _ in run]
+            if slot >= 0:
+                segments.append(LoraSegment(idx[0], idx[-1] + 1, self.lora.weights(slot)))
         return LoraBatch(segments) if segments else None
 
     def _postprocess(self, scheduled: list[ScheduledSeq], rows: list[_Rows], logits: torch.Tensor,
-                     logprobs: torch.Tensor) -> None:
+                     lse: torch.Tensor) -> None:
         draws: list[tuple[Sequence, int]] = []
         for item, r in zip(scheduled, rows):
             seq, group = item.seq, item.seq.group
@@ -223,7 +239,7 @@ class Sampler:
             self._counters["tokens_computed"] += item.num_tokens
             self.scheduler.register_full_blocks(seq)
             if len(r.prompt_rows):
-                self._record_prompt_logprobs(group, r, logprobs)
+                self._record_prompt_logprobs(group, r, logits, lse)
             if r.sample is None:
                 continue
             if not group.prefilled:
@@ -238,23 +254,34 @@ class Sampler:
                 draws.append((seq, r.sample))
         if not draws:
             return
-        index = torch.tensor([g for _, g in draws], dtype=torch.long, device=logits.device)
-        tokens = sampling.sample(logits[index], [s.group.params for s, _ in draws],
-                                 [s.generator for s, _ in draws])
-        token_lps = logprobs[index].gather(-1, tokens[:, None]).squeeze(-1)
+        picks = [g for _, g in draws]
+        if picks == list(range(logits.shape[0])):  # every row draws once, in order (decode): no gather copy
+            drawn, drawn_lse = logits, lse
+        else:
+            index = torch.tensor(picks, dtype=torch.long).to(logits.device, non_blocking=True)
+            drawn, drawn_lse = logits[index], lse[index]
+        params = [s.group.params for s, _ in draws]
+        if self.fast:
+            tokens = sampling.sample_fast(drawn, params, [s.seed for s, _ in draws], [len(s.tokens) for s, _ in draws])
+        else:
+            tokens = sampling.sample(drawn, params, [s.generator for s, _ in draws])
+        token_lps = drawn.gather(-1, tokens[:, None]).squeeze(-1) - drawn_lse
         k_max = max(s.group.job.topk_sample_logprobs for s, _ in draws)
         topk_ids = topk_lps = None
         if k_max:
-            topk_ids, topk_lps = sampling.topk(logprobs[index], k_max)
-        tokens_l, lps_l = tokens.tolist(), token_lps.tolist()
+            topk_ids, topk_lps = sampling.topk(drawn, k_max, drawn_lse)
+        # The step's one device→host copy: token ids (exact in float64) and their logprobs together.
+        host = torch.stack([tokens.double(), token_lps.double()]).cpu()
+        tokens_l, lps_l = host[0].long().tolist(), host[1].tolist()
         for i, (seq, _) in enumerate(draws):
             self._append(seq, tokens_l[i], lps_l[i], topk_ids[i] if topk_ids is not None else None,
                          topk_lps[i] if topk_lps is not None else None)
 
-    def _record_prompt_logprobs(self, group: SequenceGroup, r: _Rows, logprobs: torch.Tensor) -> None:
+    def _record_prompt_logprobs(self, group: SequenceGroup, r: _Rows, logits: torch.Tensor,
+                                lse: torch.Tensor) -> None:
         prompt = group.job.prompt
         lo, hi = r.prompt_rows.start, r.prompt_rows.stop
-        block = logprobs[r.first:r.first + (hi - lo)]
+        block = logits[r.first:r.first + (hi - lo)] - lse[r.first:r.first + (hi - lo), None]
         if group.prompt_logprobs is not None:
             targets = torch.tensor(prompt[lo + 1:hi + 1], dtype=torch.long, device=block.device)
             group.prompt_logprobs[lo + 1:hi + 1] = block.gather(-1, targets[:, None]).squeeze(-1).cpu().numpy()

@@ -13,6 +13,9 @@ Conventions the rest of the system relies on:
   continues its stream where it stopped. Without a seed the base seed is random.
 * Draws use the exponential race (argmax of p / q with q ~ Exp(1)), which is equivalent to multinomial
   sampling, needs one vector of noise per row, and keeps the selection itself a batched argmax.
+* The fast path (`sample_fast`, used on GPU) draws the same way but takes its noise from a counter-based hash
+  of (seed, position) instead of a generator (kernels/gumbel_sample.py): equally batch-independent and
+  preemption-safe, one launch for the whole batch, no per-row Python. Its streams differ from the generator's.
 * temperature 0 is greedy (argmax), and so is any temperature below 1e-5, where dividing the logits would
   overflow to inf; top_k = -1 and top_p = 1 switch those filters off.
 """
@@ -100,9 +103,35 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return out
 
 
-def topk(logprobs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k highest logprobs of each row: (ids int32 [R, k], logprobs float32 [R, k])."""
+def sample_fast(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
+                positions: list[int]) -> torch.Tensor:
+    """One token id per row of float32 `logits` [R, V], all rows at once; row i's noise is keyed by
+    (seeds[i], positions[i]), the position being the index its token will take in the sequence."""
+    from tinkerbell.engine.kernels.gumbel_sample import row_keys, sample_rows
+
+    if all(p.greedy for p in params):
+        return logits.argmax(dim=-1)
+    dev = logits.device
+    temps = [0.0 if p.greedy else p.temperature for p in params]
+    filtered = [i for i, p in enumerate(params) if p.filtered]
+    if filtered:
+        # Filtered rows are tempered by the filter already, so they draw at temperature 1.
+        logits = logits.clone()
+        index = torch.tensor(filtered, device=dev)
+        logits[index] = _filter_logits(logits[index], [params[i] for i in filtered])
+        for i in filtered:
+            temps[i] = 1.0
+    keys = row_keys(torch.tensor(seeds, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64))
+    return sample_rows(logits, torch.tensor(temps, dtype=torch.float32).to(dev, non_blocking=True),
+                       keys.to(dev, non_blocking=True))
+
+
+def topk(logprobs: torch.Tensor, k: int, lse: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k highest logprobs of each row: (ids int32 [R, k], logprobs float32 [R, k]). With `lse` the rows
+    are logits and their logprobs are formed only for the k picked."""
     values, ids = logprobs.topk(k, dim=-1)
+    if lse is not None:
+        values = values - lse[:, None]
     return ids.to(torch.int32).cpu().numpy(), values.to(torch.float32).cpu().numpy()
 
 

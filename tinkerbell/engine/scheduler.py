@@ -71,7 +71,8 @@ class Sequence:
     group: SequenceGroup
     sample_index: int
     tokens: list[int]  # prompt + generated
-    generator: torch.Generator
+    generator: torch.Generator | None  # the reference sampler's noise source
+    seed: int = 0  # the fast sampler's noise key (sampling.sample_fast)
     status: SeqStatus = SeqStatus.WAITING
     num_computed: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)

@@ -188,8 +188,10 @@ class CausalLM(nn.Module):
         """Fuse q/k/v and gate/up into one matmul each (the parameters stay, as views). Call after loading and
         after any move: `.to()` would give the views their own storage again."""
         for layer in self.model.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            if layer.self_attn.qkv is None:
+                layer.self_attn.fuse()
+            if layer.mlp.gate_up is None:
+                layer.mlp.fuse()
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]

@@ -78,7 +78,6 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device | str) -> Ca
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     model.requires_grad_(False)
-    model.fuse_projections()
     return model.eval()
 
 
