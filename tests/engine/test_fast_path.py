@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tinkerbell.engine import sampling
-from tinkerbell.engine.kernels import gumbel_sample as gs
 from tinkerbell.engine.sampling import SamplingParams
 from tinkerbell.engine.types import SampleJob
 from tests.engine.test_sampler import PROMPTS, greedy, make_sampler, nonzero_adapter, run
@@ -65,17 +64,3 @@ def test_fast_draws_follow_the_filtered_distribution():
     assert np.abs(freq(SamplingParams(1.0, top_p=0.7)) - [0.625, 0.375, 0, 0]).max() < 0.03
     sq = np.array([0.5, 0.3, 0.15, 0.05]) ** 2
     assert np.abs(freq(SamplingParams(0.5)) - sq / sq.sum()).max() < 0.03
-
-
-def test_gumbel_kernel_equals_torch_form(monkeypatch):
-    pytest.importorskip("triton")
-    from tests.engine.test_kernels import _patch_interpreter_scalar_index
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _patch_interpreter_scalar_index(monkeypatch)
-    from tinkerbell.engine.kernels._gumbel_sample_triton import launch
-
-    logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(0))
-    temps = torch.tensor([0.0, 1.0, 0.5, 2.0, 1.0, 0.0])
-    keys = gs.row_keys(torch.tensor([1, 2, 3, 2**62 + 5, 7, 9]), torch.tensor([5, 6, 7, 8, 9, 10]))
-    assert torch.equal(launch(logits, temps, keys), gs.sample_rows_torch(logits, temps, keys))

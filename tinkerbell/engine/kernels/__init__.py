@@ -1,15 +1,17 @@
 """GPU kernels (Triton) with plain-torch equivalents.
 
-Triton is imported only when a kernel is first asked for on a CUDA tensor (or under TRITON_INTERPRET=1, which
-runs kernels on the CPU for tests), so a machine without Triton never imports it and uses the torch paths.
+Triton is imported only when a kernel is first asked for on a CUDA tensor, so a machine without Triton never
+imports it and uses the torch paths. Tests may run the kernels on the CPU through Triton's interpreter: they set
+TRITON_INTERPRET=1 before anything imports Triton (its decorators read it) and turn on RUN_KERNELS_ON_CPU.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+RUN_KERNELS_ON_CPU = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -21,12 +23,8 @@ def triton_importable() -> bool:
     return True
 
 
-def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def use_triton(t: torch.Tensor) -> bool:
     """Whether a kernel should run through Triton for a tensor on this device."""
     if t.device.type == "cuda":
         return triton_importable()
-    return interpret_mode() and triton_importable()
+    return RUN_KERNELS_ON_CPU and triton_importable()
