@@ -94,8 +94,7 @@ def _slots_with_adapters(cfg, n: int, rank: int):
 
 
 def test_tile_plan_groups_rows_by_slot():
-    rows, tiles, groups = plan_tiles(np.array([2, -1, 0, 2] + [1] * 20), num_tiles=8)
-    assert groups == [(0, 0, 1), (1, 1, 21), (2, 21, 23)]
+    rows, tiles = plan_tiles(np.array([2, -1, 0, 2] + [1] * 20), num_tiles=8)
     assert rows[:1].tolist() == [2] and rows[21:].tolist() == [0, 3]
     live = tiles[tiles[:, 2] > 0].tolist()
     assert live == [[0, 0, 1], [1, 1, TILE_M], [1, 1 + TILE_M, 20 - TILE_M], [2, 21, 2]]
@@ -129,8 +128,8 @@ def test_gathered_lora_equals_segment_loop(tiny_llama_dir, backend):
 def test_padded_tile_plan_is_a_no_op_for_missing_rows(tiny_llama_dir):
     cfg = read_config(tiny_llama_dir)
     slots, _ = _slots_with_adapters(cfg, 1, rank=2)
-    rows, tiles, groups = plan_tiles(np.array([-1, -1]), num_tiles=4)
-    plan = LoraTiles(torch.from_numpy(rows), *torch.from_numpy(tiles.T.copy()), groups=groups)
+    rows, tiles = plan_tiles(np.array([-1, -1]), num_tiles=4)
+    plan = LoraTiles(torch.from_numpy(rows), *torch.from_numpy(tiles.T.copy()))
     key = "lm_head"
     x, out = torch.randn(2, slots.a[key].shape[2]), torch.randn(2, slots.b[key].shape[1])
     assert torch.equal(lora_apply(x, out.clone(), slots.a[key], slots.b[key], slots.scales, plan), out)

@@ -22,10 +22,10 @@ class GatheredLora:
     @classmethod
     def for_rows(cls, slots: LoraSlots, row_slots: np.ndarray | list[int], device: torch.device) -> "GatheredLora":
         """Plan for per-row slots (-1: base model only), as fresh device tensors (the eager path)."""
-        rows, tiles, groups = plan_tiles(np.asarray(row_slots))
+        rows, tiles = plan_tiles(np.asarray(row_slots))
         t = torch.from_numpy(np.ascontiguousarray(tiles.T)).to(device)
         return cls(slots, LoraTiles(rows=torch.from_numpy(rows).to(device), tile_slot=t[0], tile_start=t[1],
-                                    tile_len=t[2], groups=groups))
+                                    tile_len=t[2]))
 
     def apply(self, key: str, x: torch.Tensor, out: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
         assert row_offset == 0, "GatheredLora plans cover the rows they are applied to"

@@ -42,7 +42,7 @@ class StepPlan:
 
 
 class _Graph:
-    def __init__(self, graph: torch.cuda.CUDAGraph, logits: torch.Tensor):
+    def __init__(self, graph: torch.cuda.CUDAGraph | None, logits: torch.Tensor | None):
         self.graph, self.logits = graph, logits
 
 
@@ -50,7 +50,9 @@ class ModelRunner:
     def __init__(self, model: CausalLM, kv: PagedKVCache, lora: LoraSlots, device: torch.device,
                  max_context: int, cuda_graphs: bool):
         self.model, self.kv, self.lora, self.device = model, kv, lora, device
-        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        # On the CPU the "graph" path runs its body eagerly from the same static buffers: tests cover the
+        # buffer handling (padding, tables, LoRA tiles) without a GPU.
+        self.cuda_graphs = cuda_graphs
         self.max_context = max_context
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self.graph_steps = self.eager_steps = 0
@@ -97,7 +99,7 @@ class ModelRunner:
         self._tok_ctx = torch.ones(n, dtype=torch.int32, device=dev)
         self._rows = torch.zeros(n, dtype=torch.int32, device=dev)
         self._tiles = torch.zeros(3, max_tiles(n, max(self.lora.max_loras, 1)), dtype=torch.int32, device=dev)
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
 
     def _pad(self) -> None:
         """Every static row a harmless padding row (scratch block, context 1, no adapter)."""
@@ -113,7 +115,7 @@ class ModelRunner:
         lora = None
         if with_lora:
             tiles = LoraTiles(rows=self._rows[:bucket], tile_slot=self._tiles[0, :nt], tile_start=self._tiles[1, :nt],
-                              tile_len=self._tiles[2, :nt], groups=[])
+                              tile_len=self._tiles[2, :nt])
             lora = GatheredLora(self.lora, tiles)
         ctx = BatchContext(spans=[], kv_cache=self.kv, slot_mapping=self._slot_map[:bucket], lora=lora,
                            attn=PagedAttnMeta(self._tables[:bucket], self._tok_seq[:bucket], self._tok_ctx[:bucket],
@@ -123,6 +125,8 @@ class ModelRunner:
         return self.model.logits(hidden, BatchContext(spans=[], lora=lora)).float()
 
     def _capture(self, bucket: int, with_lora: bool) -> _Graph:
+        if self.device.type != "cuda":
+            return _Graph(None, None)
         self._pad()
         self._body(bucket, with_lora)  # compiles the kernels and warms the allocator outside the capture
         torch.cuda.synchronize(self.device)
@@ -151,9 +155,12 @@ class ModelRunner:
         self._tok_ctx[:b].copy_(torch.tensor([s.context_len for s in plan.spans], dtype=torch.int32),
                                 non_blocking=True)
         if with_lora:
-            rows, tiles, _ = plan_tiles(np.asarray(plan.token_lora), num_tiles=max_tiles(bucket, self.lora.max_loras))
+            rows, tiles = plan_tiles(np.asarray(plan.token_lora), num_tiles=max_tiles(bucket, self.lora.max_loras))
             self._rows[:len(rows)].copy_(torch.from_numpy(rows), non_blocking=True)
             self._tiles[:, :tiles.shape[0]].copy_(torch.from_numpy(np.ascontiguousarray(tiles.T)), non_blocking=True)
-        self._graphs[key].graph.replay()
         self.graph_steps += 1
-        return self._graphs[key].logits[:b]
+        graph = self._graphs[key]
+        if graph.graph is None:
+            return self._body(bucket, with_lora)[:b]
+        graph.graph.replay()
+        return graph.logits[:b]

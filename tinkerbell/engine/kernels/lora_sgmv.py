@@ -31,25 +31,21 @@ class LoraTiles:
     tile_slot: torch.Tensor  # [NT] int32
     tile_start: torch.Tensor  # [NT] int32: first entry of `rows`
     tile_len: torch.Tensor  # [NT] int32: 0 for padding tiles
-    groups: list[tuple[int, int, int]]  # host copy: (slot, start, end) into rows, one per slot group
 
 
-def plan_tiles(row_slots: np.ndarray, num_tiles: int | None = None) -> tuple[np.ndarray, np.ndarray,
-                                                                              list[tuple[int, int, int]]]:
-    """Host-side plan for per-row slots (-1 = no adapter): (rows int32 [N], tiles int32 [NT, 3] as slot/start/len,
-    groups). `num_tiles` pads the tile list to a fixed length."""
+def plan_tiles(row_slots: np.ndarray, num_tiles: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Host-side plan for per-row slots (-1 = no adapter): (rows int32 [N], tiles int32 [NT, 3] as
+    slot/start/len). `num_tiles` pads the tile list to a fixed length."""
     row_slots = np.asarray(row_slots, dtype=np.int64)
     rows = np.nonzero(row_slots >= 0)[0]
     rows = rows[np.argsort(row_slots[rows], kind="stable")]
     slots = row_slots[rows]
     tiles: list[tuple[int, int, int]] = []
-    groups: list[tuple[int, int, int]] = []
     if len(rows):
         cuts = np.flatnonzero(np.diff(slots)) + 1
         starts = np.concatenate([[0], cuts])
         ends = np.concatenate([cuts, [len(rows)]])
         for s, e in zip(starts.tolist(), ends.tolist()):
-            groups.append((int(slots[s]), s, e))
             for t0 in range(s, e, TILE_M):
                 tiles.append((int(slots[s]), t0, min(TILE_M, e - t0)))
     n = len(tiles) if num_tiles is None else num_tiles
@@ -57,7 +53,7 @@ def plan_tiles(row_slots: np.ndarray, num_tiles: int | None = None) -> tuple[np.
     arr = np.zeros((n, 3), dtype=np.int32)
     if tiles:
         arr[:len(tiles)] = tiles
-    return rows.astype(np.int32), arr, groups
+    return rows.astype(np.int32), arr
 
 
 def lora_apply(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor,
@@ -76,8 +72,11 @@ def lora_apply(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Ten
 
 def lora_apply_torch(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor,
                      tiles: LoraTiles) -> torch.Tensor:
-    for slot, s, e in tiles.groups:
-        rows = tiles.rows[s:e].long()
+    plan = zip(tiles.tile_slot.tolist(), tiles.tile_start.tolist(), tiles.tile_len.tolist())
+    for slot, start, n in plan:
+        if n == 0:
+            continue
+        rows = tiles.rows[start:start + n].long()
         delta = (x[rows].to(a.dtype) @ a[slot].t()) @ b[slot].t() * scales[slot].to(a.dtype)
         out[rows] += delta.to(out.dtype)
     return out
