@@ -43,3 +43,14 @@ def tiny_qwen3_dir(fixtures_root) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(fixtures_root) -> Path:
     return _build(fixtures_root, "tiny-qwen2", arch="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llada_dir(fixtures_root) -> Path:
+    """A random-weight LLaDA checkpoint in the published format (config, real tensor names, mask token)."""
+    from tinkerbell.engine.models.tiny import build_tiny_llada
+
+    path = fixtures_root / "fx" / "tiny-llada"
+    if not (path / "config.json").exists():
+        build_tiny_llada(path)
+    return path

@@ -10,6 +10,7 @@ SUPPORTED_ARCHS = {
     "llama": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "llada": "llada",  # masked-diffusion LM (bidirectional Llama-style blocks; models/llada.py)
 }
 
 
@@ -38,10 +39,17 @@ class ModelConfig:
     qk_norm: bool  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    mask_token_id: int | None = None  # diffusion LMs only: the [MASK] id generation starts from
+
+    @property
+    def is_diffusion(self) -> bool:
+        return self.arch == "llada"
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
         model_type = cfg.get("model_type", "")
+        if model_type == "llada":
+            return cls._from_llada(cfg)
         arch = SUPPORTED_ARCHS.get(model_type)
         if arch is None:
             raise UnsupportedModelError(
@@ -83,6 +91,47 @@ class ModelConfig:
             qk_norm=arch == "qwen3",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
+        )
+
+    @classmethod
+    def _from_llada(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """LLaDA's OLMo-style config (d_model, n_heads, ...). Only the Llama-block variant LLaDA ships is
+        implemented; flags that would change the numerics are refused rather than ignored."""
+        for flag in ("include_bias", "input_emb_norm", "include_qkv_bias"):
+            if cfg.get(flag):
+                raise UnsupportedModelError(f"LLaDA config with {flag}=true is not supported")
+        if cfg.get("clip_qkv") is not None:
+            raise UnsupportedModelError("LLaDA config with clip_qkv is not supported")
+        if cfg.get("block_type", "llama") != "llama":
+            raise UnsupportedModelError(f"LLaDA block_type {cfg.get('block_type')!r} is not supported")
+        if cfg.get("mask_token_id") is None:
+            raise UnsupportedModelError("LLaDA config has no mask_token_id")
+        hidden, heads = int(cfg["d_model"]), int(cfg["n_heads"])
+        mlp = cfg.get("mlp_hidden_size") or int(cfg.get("mlp_ratio", 4)) * hidden
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            arch="llada",
+            # The embedding (and head) may be padded beyond the tokenizer's vocabulary; logits span all of it.
+            vocab_size=int(cfg.get("embedding_size") or cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(mlp),
+            num_layers=int(cfg["n_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("n_kv_heads") or heads),
+            head_dim=hidden // heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=None,
+            max_position_embeddings=int(cfg.get("max_sequence_length", 4096)),
+            tie_word_embeddings=bool(cfg.get("weight_tying", False)),
+            attention_bias=False,
+            o_bias=False,
+            mlp_bias=False,
+            qk_norm=False,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+            mask_token_id=int(cfg["mask_token_id"]),
         )
 
     def inv_freq(self) -> "Any":

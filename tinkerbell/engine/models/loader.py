@@ -53,6 +53,10 @@ def read_config(path: Path) -> ModelConfig:
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
     cfg = read_config(path)
+    if cfg.is_diffusion:  # LLaDA: its own module (bidirectional), same folder layout
+        from tinkerbell.engine.models.llada import load_llada
+
+        return load_llada(path, cfg, dtype, device)  # type: ignore[return-value]
     with torch.device("meta"):
         model = CausalLM(cfg)
     model = model.to_empty(device=device).to(dtype)

@@ -28,8 +28,10 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384):
-    """Train a byte-level BPE tokenizer on DEMO_CORPUS and save it (HF fast-tokenizer format)."""
+def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384, extra_special: tuple[str, ...] = (),
+                    **special_kwargs: str):
+    """Train a byte-level BPE tokenizer on DEMO_CORPUS and save it (HF fast-tokenizer format). `extra_special`
+    adds special tokens after the standard ones; `special_kwargs` names roles for them (e.g. mask_token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,7 +40,7 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(extra_special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -49,6 +51,7 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 384):
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
+        **special_kwargs,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
@@ -99,6 +102,70 @@ def build_tiny_model(
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id})
     )
+    return out
+
+
+LLADA_MASK_TOKEN = "<|mdm_mask|>"
+
+
+def build_tiny_llada(
+    out_dir: str | os.PathLike,
+    d_model: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    mlp_hidden_size: int = 128,
+    weight_tying: bool = False,
+    seed: int = 0,
+    initializer_range: float = 0.2,
+    vocab_size: int = 384,
+    embedding_pad: int = 8,
+) -> Path:
+    """Write a random-weight LLaDA checkpoint in the published format: an OLMo-style config.json with
+    model_type "llada", safetensors under the real names (model.transformer.wte, .blocks.N.q_proj, ...), and a
+    tokenizer with a mask token. The embedding is padded beyond the vocabulary as LLaDA's is."""
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out, vocab_size=vocab_size, extra_special=(LLADA_MASK_TOKEN,),
+                          mask_token=LLADA_MASK_TOKEN)
+    vocab = len(tok)
+    embedding_size = vocab + embedding_pad
+    head_dim = d_model // n_heads
+    config = {
+        "architectures": ["LLaDAModelLM"], "model_type": "llada", "d_model": d_model, "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads, "n_layers": n_layers, "mlp_hidden_size": mlp_hidden_size, "mlp_ratio": 4,
+        "vocab_size": vocab, "embedding_size": embedding_size, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+        "max_sequence_length": 4096, "mask_token_id": tok.mask_token_id, "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "weight_tying": weight_tying,
+        "include_bias": False, "block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms",
+        "rope": True, "alibi": False, "flash_attention": False, "clip_qkv": None, "input_emb_norm": False,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * initializer_range
+
+    p = "model.transformer."
+    tensors = {p + "wte.weight": rnd(embedding_size, d_model), p + "ln_f.weight": 1 + rnd(d_model) * 0.5}
+    for i in range(n_layers):
+        b = f"{p}blocks.{i}."
+        tensors |= {
+            b + "attn_norm.weight": 1 + rnd(d_model) * 0.5, b + "ff_norm.weight": 1 + rnd(d_model) * 0.5,
+            b + "q_proj.weight": rnd(n_heads * head_dim, d_model), b + "k_proj.weight": rnd(n_kv_heads * head_dim, d_model),
+            b + "v_proj.weight": rnd(n_kv_heads * head_dim, d_model), b + "attn_out.weight": rnd(d_model, n_heads * head_dim),
+            b + "ff_proj.weight": rnd(mlp_hidden_size, d_model), b + "up_proj.weight": rnd(mlp_hidden_size, d_model),
+            b + "ff_out.weight": rnd(d_model, mlp_hidden_size),
+        }
+    if not weight_tying:
+        tensors[p + "ff_out.weight"] = rnd(embedding_size, d_model)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}))
     return out
 
 

@@ -1,0 +1,118 @@
+"""LLaDA: the checkpoint format loads, and our forward equals a float32 reference assembled from HF transformers'
+Llama modules (weights renamed, non-causal mask), with padding and cached keys never changing a row's logits."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from tinkerbell.engine.models.config import ModelConfig, UnsupportedModelError
+from tinkerbell.engine.models.llada import LLaDAModel
+from tinkerbell.engine.models.loader import load_model, read_config
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llada_dir):
+    return load_model(tiny_llada_dir, torch.float32, "cpu")
+
+
+def _hf_reference(path, cfg: ModelConfig):
+    """Embedding, Llama decoder layers, final norm and head from transformers, fed the LLaDA tensors renamed."""
+    from safetensors.torch import load_file
+
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                         rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta, attn_implementation="eager")
+    sd = load_file(str(path / "model.safetensors"))
+    p = "model.transformer."
+    layers = []
+    for i in range(cfg.num_layers):
+        layer = LlamaDecoderLayer(hf_cfg, i).eval()
+        b = f"{p}blocks.{i}."
+        layer.load_state_dict({
+            "input_layernorm.weight": sd[b + "attn_norm.weight"],
+            "post_attention_layernorm.weight": sd[b + "ff_norm.weight"],
+            "self_attn.q_proj.weight": sd[b + "q_proj.weight"], "self_attn.k_proj.weight": sd[b + "k_proj.weight"],
+            "self_attn.v_proj.weight": sd[b + "v_proj.weight"], "self_attn.o_proj.weight": sd[b + "attn_out.weight"],
+            "mlp.gate_proj.weight": sd[b + "ff_proj.weight"], "mlp.up_proj.weight": sd[b + "up_proj.weight"],
+            "mlp.down_proj.weight": sd[b + "ff_out.weight"],
+        })
+        layers.append(layer)
+    norm = LlamaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    norm.load_state_dict({"weight": sd[p + "ln_f.weight"]})
+    rotary = LlamaRotaryEmbedding(hf_cfg)
+    head = sd.get(p + "ff_out.weight", sd[p + "wte.weight"])
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = torch.nn.functional.embedding(ids[None], sd[p + "wte.weight"])
+            pos = torch.arange(len(ids))[None]
+            cos_sin = rotary(h, pos)
+            mask = torch.zeros(1, 1, len(ids), len(ids))  # additive and all zeros: bidirectional
+            for layer in layers:
+                out = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+                h = out[0] if isinstance(out, tuple) else out
+            return (norm(h) @ head.T)[0]
+
+    return forward
+
+
+def test_config_and_tokenizer_in_real_format(tiny_llada_dir):
+    raw = json.loads((tiny_llada_dir / "config.json").read_text())
+    assert raw["model_type"] == "llada" and {"d_model", "n_heads", "n_kv_heads", "mlp_hidden_size"} <= set(raw)
+    cfg = read_config(tiny_llada_dir)
+    assert cfg.is_diffusion and cfg.vocab_size == raw["embedding_size"] and cfg.num_kv_heads == 2
+    tok = AutoTokenizer.from_pretrained(str(tiny_llada_dir))
+    assert tok.mask_token_id == cfg.mask_token_id == raw["mask_token_id"]
+    with pytest.raises(UnsupportedModelError, match="clip_qkv"):
+        ModelConfig.from_hf_dict({**raw, "clip_qkv": 8.0})
+
+
+def test_logits_match_hf_llama_with_bidirectional_mask(tiny_llada_dir, model):
+    ref = _hf_reference(tiny_llada_dir, model.cfg)
+    ids = torch.randint(0, model.cfg.vocab_size, (19,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, _ = model(ids[None], torch.arange(19)[None], torch.ones(1, 19, dtype=torch.bool))
+    expected = ref(ids)
+    assert (ours - expected).abs().max().item() <= 1e-4
+    # Bidirectional: changing the last token changes the first position's logits.
+    ids2 = ids.clone()
+    ids2[-1] = (ids2[-1] + 1) % model.cfg.vocab_size
+    assert (ref(ids2)[0] - expected[0]).abs().max().item() > 1e-3
+
+
+def test_padded_rows_equal_unpadded(model):
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, model.cfg.vocab_size, (n,), generator=g) for n in (7, 16, 11)]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, True
+    pos = torch.arange(width).expand(3, width)
+    with torch.no_grad():
+        batched, _ = model(ids, pos, mask)
+        batched = batched.view(3, width, -1)
+        for i, s in enumerate(seqs):
+            alone, _ = model(s[None], torch.arange(len(s))[None], torch.ones(1, len(s), dtype=torch.bool))
+            assert (batched[i, :len(s)] - alone).abs().max().item() <= 1e-5
+
+
+def test_cached_keys_and_fused_projections_give_full_forward_logits(tiny_llada_dir):
+    model = load_model(tiny_llada_dir, torch.float32, "cpu")
+    ids = torch.randint(0, model.cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(2))
+    full_mask = torch.ones(1, 12, dtype=torch.bool)
+    with torch.no_grad():
+        full, kv = model(ids[None], torch.arange(12)[None], full_mask, want_kv=True)
+        # The last 4 positions as queries over the first 8 positions' cached keys plus their own.
+        tail, _ = model(ids[None, 8:], torch.arange(8, 12)[None], full_mask, past=kv[:, :, :, :8])
+        model.fuse_projections()
+        fused, _ = model(ids[None], torch.arange(12)[None], full_mask, logits_rows=torch.tensor([3, 9]))
+    assert (tail - full[8:]).abs().max().item() <= 1e-5
+    assert (fused - full[[3, 9]]).abs().max().item() <= 1e-5
+    assert isinstance(model, LLaDAModel)
+    assert set(dict(model.named_parameters())) >= {"model.transformer.blocks.0.q_proj.weight",
+                                                   "model.transformer.ff_out.weight"}

@@ -1,0 +1,163 @@
+"""LLaDA: a masked-diffusion language model built from Llama-style blocks with **bidirectional** attention.
+
+Parameter names are exactly those of the published checkpoints (`model.transformer.wte`, `...blocks.N.q_proj`,
+`...ln_f`, `...ff_out`), so safetensors and DCP state dicts load without renaming.
+
+One forward serves every generation algorithm (engine/diffusion.py): a padded batch of query rows, each with
+its own positions, attending over optional per-row cached keys/values (the prefix and dual caches) plus the
+rows' own new keys, with a key mask so padding is never attended. Logits are formed only for the rows the
+caller asks for: the LM head over a 126k vocabulary is the most expensive matmul, and a diffusion step only
+reads the logits of the block being unmasked.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinkerbell.engine.models.config import ModelConfig
+from tinkerbell.engine.models.llama import RMSNorm, _fuse, rotate_half
+
+
+class LLaDABlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=False)
+        self.attn_out = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, cfg.intermediate_size, bias=False)  # gate (SiLU side)
+        self.up_proj = nn.Linear(d, cfg.intermediate_size, bias=False)
+        self.ff_out = nn.Linear(cfg.intermediate_size, d, bias=False)
+        self.qkv: torch.Tensor | None = None
+        self.gate_up: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One matmul for q/k/v and one for gate/up; the named parameters become views (still load/save)."""
+        with torch.no_grad():
+            self.qkv = _fuse([self.q_proj, self.k_proj, self.v_proj])[0]
+            self.gate_up = _fuse([self.ff_proj, self.up_proj])[0]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                past: torch.Tensor | None, kv_out: torch.Tensor | None) -> torch.Tensor:
+        """x [B, L, d]; cos/sin [B, L, hd]; mask [B, 1, 1, Lc + L] (True = attend); past [2, B, Lc, Hkv, hd]."""
+        cfg = self.cfg
+        b, n, _ = x.shape
+        h = self.attn_norm(x)
+        if self.qkv is not None:
+            q, k, v = F.linear(h, self.qkv).split(
+                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = q.view(b, n, cfg.num_heads, cfg.head_dim)
+        k = k.view(b, n, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(b, n, cfg.num_kv_heads, cfg.head_dim)
+        c, s = cos[:, :, None, :], sin[:, :, None, :]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        if kv_out is not None:  # keys are cached after RoPE: a cached key never needs its position again
+            kv_out[0].copy_(k)
+            kv_out[1].copy_(v)
+        if past is not None and past.shape[2] > 0:
+            k = torch.cat([past[0], k], dim=1)
+            v = torch.cat([past[1], v], dim=1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask, enable_gqa=cfg.num_kv_heads != cfg.num_heads)
+        x = x + self.attn_out(o.transpose(1, 2).reshape(b, n, cfg.num_heads * cfg.head_dim))
+        h = self.ff_norm(x)
+        if self.gate_up is not None:
+            gate, up = F.linear(h, self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.ff_proj(h), self.up_proj(h)
+        return x + self.ff_out(F.silu(gate) * up)
+
+
+class LLaDAModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        t = self.model.transformer = nn.Module()
+        t.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        t.blocks = nn.ModuleList([LLaDABlock(cfg) for _ in range(cfg.num_layers)])
+        t.ln_f = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            t.ff_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.model.transformer
+
+    def fuse_projections(self) -> None:
+        for block in self.transformer.blocks:
+            block.fuse()
+
+    def head_weight(self) -> torch.Tensor:
+        t = self.transformer
+        return t.wte.weight if self.cfg.tie_word_embeddings else t.ff_out.weight
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor,
+                past: torch.Tensor | None = None, logits_rows: torch.Tensor | None = None,
+                want_kv: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ids, positions [B, L]; key_mask [B, Lc + L] bool over (cached keys, then the new ones);
+        past [layers, 2, B, Lc, Hkv, hd] or None; logits_rows: flat indices into [B * L] to compute logits
+        for (None: all). Returns (float32 logits [R, V], the new keys/values [layers, 2, B, L, Hkv, hd] if
+        want_kv). Rows whose keys are all masked are the caller's padding; their outputs are garbage."""
+        cfg = self.cfg
+        b, n = ids.shape
+        x = self.transformer.wte(ids)
+        freqs = positions[..., None].to(self.inv_freq.dtype) * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = key_mask[:, None, None, :]
+        kv = None
+        if want_kv:
+            kv = torch.empty(cfg.num_layers, 2, b, n, cfg.num_kv_heads, cfg.head_dim, dtype=x.dtype, device=x.device)
+        for i, block in enumerate(self.transformer.blocks):
+            x = block(x, cos, sin, mask, None if past is None else past[i], None if kv is None else kv[i])
+        h = x.reshape(b * n, -1)
+        if logits_rows is not None:
+            h = h[logits_rows]
+        logits = F.linear(self.transformer.ln_f(h), self.head_weight())
+        return logits.float(), kv
+
+
+def new_llada(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> LLaDAModel:
+    """An uninitialised LLaDA module on `device` (built on meta, so no time goes into random init)."""
+    with torch.device("meta"):
+        model = LLaDAModel(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.inv_freq = cfg.inv_freq().to(device)  # float32 whatever the weights' dtype, as HF keeps it
+    return model
+
+
+def load_llada(path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> LLaDAModel:
+    """Read a LLaDA checkpoint folder's safetensors into our module; every parameter must be present."""
+    from safetensors import safe_open
+
+    model = new_llada(cfg, device, dtype)
+    params = dict(model.named_parameters())
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {path}")
+    seen: set[str] = set()
+    with torch.no_grad():
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for name in st.keys():
+                    if name in params:
+                        params[name].copy_(st.get_tensor(name).to(dtype))
+                        seen.add(name)
+    missing = set(params) - seen
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    model.requires_grad_(False)
+    return model.eval()
