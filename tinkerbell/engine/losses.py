@@ -2,7 +2,9 @@
 of their inputs.
 
 Every loss here maps `lp` (the model's log-probability of each target, shaped like `target_tokens`: [N] or
-[N, K]) and the datum's float inputs to an elementwise loss of the same shape. The request's loss is the plain
+[N, K]) and the datum's float inputs to an elementwise loss of the same shape. The trainer calls each loss once
+per request on the flattened targets of all its datums, with `group` (the datum of each target) for the one
+loss that reduces over a datum (gspo). The request's loss is the plain
 sum of those (no means), so its gradient is the sum of the per-token gradients, as the protocol specifies.
 """
 
@@ -53,7 +55,8 @@ class LossFn:
     name: str
     required: tuple[str, ...]  # float inputs besides target_tokens
     optional: tuple[str, ...]  # float inputs read when present
-    compute: Callable[[torch.Tensor, Inputs, LossConfig], torch.Tensor]
+    # (lp, inputs, config, group) -> elementwise loss; group: datum index of each element (None: one datum)
+    compute: Callable[..., torch.Tensor]
 
     def float_inputs(self) -> tuple[str, ...]:
         return self.required + self.optional
@@ -72,35 +75,42 @@ def _clip(r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return torch.minimum(torch.maximum(r, lo), hi)
 
 
-def _cross_entropy(lp: torch.Tensor, x: Inputs, cfg: LossConfig) -> torch.Tensor:
+def _cross_entropy(lp: torch.Tensor, x: Inputs, cfg: LossConfig, group: torch.Tensor | None = None) -> torch.Tensor:
     return -x["weights"] * lp
 
 
-def _importance_sampling(lp: torch.Tensor, x: Inputs, cfg: LossConfig) -> torch.Tensor:
+def _importance_sampling(lp: torch.Tensor, x: Inputs, cfg: LossConfig, group: torch.Tensor | None = None) -> torch.Tensor:
     return -torch.exp(lp - x["logprobs"]) * x["advantages"]
 
 
-def _ppo(lp: torch.Tensor, x: Inputs, cfg: LossConfig) -> torch.Tensor:
+def _ppo(lp: torch.Tensor, x: Inputs, cfg: LossConfig, group: torch.Tensor | None = None) -> torch.Tensor:
     r, a = torch.exp(lp - x["logprobs"]), x["advantages"]
     lo, hi = _ratio_bounds(lp, x, cfg)
     return -torch.minimum(r * a, _clip(r, lo, hi) * a)
 
 
-def _cispo(lp: torch.Tensor, x: Inputs, cfg: LossConfig) -> torch.Tensor:
+def _cispo(lp: torch.Tensor, x: Inputs, cfg: LossConfig, group: torch.Tensor | None = None) -> torch.Tensor:
     lo, hi = _ratio_bounds(lp, x, cfg)
     weight = _clip(torch.exp(lp - x["logprobs"]), lo, hi).detach()
     return -weight * lp * x["advantages"]
 
 
-def _dro(lp: torch.Tensor, x: Inputs, cfg: LossConfig) -> torch.Tensor:
+def _dro(lp: torch.Tensor, x: Inputs, cfg: LossConfig, group: torch.Tensor | None = None) -> torch.Tensor:
     q = x["logprobs"]
     return -(lp * x["advantages"] - 0.5 * cfg.beta * (lp - q) ** 2)
 
 
-def _gspo(lp: torch.Tensor, x: Inputs, cfg: LossConfig) -> torch.Tensor:
+def _gspo(lp: torch.Tensor, x: Inputs, cfg: LossConfig, group: torch.Tensor | None = None) -> torch.Tensor:
     mask = (x["sequence_ratio_mask"] != 0).to(lp.dtype)
-    # Mean over the masked positions; a datum with an empty mask has log sequence ratio 0 (ratio 1).
-    log_ratio = ((lp.detach() - x["logprobs"]) * mask).sum() / mask.sum().clamp(min=1.0)
+    # Mean over each datum's masked positions; a datum with an empty mask has log sequence ratio 0 (ratio 1).
+    masked = (lp.detach() - x["logprobs"]) * mask
+    if group is None:
+        log_ratio = masked.sum() / mask.sum().clamp(min=1.0)
+    else:
+        n = int(group.max()) + 1 if group.numel() else 0
+        num = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add_(0, group, masked.reshape(-1))
+        den = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add_(0, group, mask.reshape(-1))
+        log_ratio = (num / den.clamp(min=1.0))[group].view_as(lp)
     # Value: the sequence ratio; gradient: that of the token's own log-probability.
     s = torch.exp(log_ratio + lp - lp.detach())
     lo, hi = _ratio_bounds(lp, x, cfg)
@@ -180,6 +190,27 @@ def _check_ids(ids: np.ndarray, field: str, vocab_size: int) -> None:
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
         raise EngineUserError(f"{field} holds token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def flat_inputs(data: list[TrainDatum], loss: LossFn, config: LossConfig, device: torch.device) -> Inputs:
+    """The float inputs `loss` reads for all of `data`, each flattened row-major and concatenated (so they line
+    up with the flattened targets), as one float32 tensor per input: one host-to-device copy per input, not per
+    datum. An optional input that some datums lack is filled with the config's value, which is what the loss
+    uses when it is absent."""
+    defaults = {"clip_low_threshold": config.clip_low, "clip_high_threshold": config.clip_high}
+    out: Inputs = {}
+    for key in loss.float_inputs():
+        present = [key in d.inputs for d in data]
+        if not any(present):
+            continue
+        parts = []
+        for d, has in zip(data, present):
+            if has:
+                parts.append(np.asarray(d.inputs[key], dtype=np.float32).reshape(-1))
+            else:
+                parts.append(np.full(np.asarray(d.inputs["target_tokens"]).size, defaults[key], np.float32))
+        out[key] = torch.from_numpy(np.concatenate(parts)).to(device, non_blocking=True)
+    return out
 
 
 def datum_inputs(datum: TrainDatum, loss: LossFn, device: torch.device) -> Inputs:

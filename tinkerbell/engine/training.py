@@ -3,9 +3,13 @@ checkpoints.
 
 Each run owns fp32 master LoRA weights (leaf tensors whose `.grad` is its gradient accumulator) and its AdamW
 moments. A forward/backward packs the datums of one or more runs into one variable-length batch with no
-padding; each run's rows use its own adapter (one `LoraSegment` per run), so the scheduler can later hand
-several runs' requests to `run_segments` at once. Logits are computed in row chunks under activation
+padding; each run's rows use its own adapter (one `LoraSegment` per run), so the engine hands several runs'
+requests to `run_segments` at once. The batch runs in as few micro-batches as the measured memory plan allows
+(training_memory.py), with layer checkpointing only where a micro-batch would not fit without it; gradients
+accumulate across micro-batches as across calls. The forward is training_forward.py's (all sequences in one
+attention call per layer on GPU, LoRA in the model's dtype). Logits are computed in row chunks under activation
 checkpointing, so only one [chunk, vocab] block is alive at a time, in the forward and in the backward.
+`optim_steps` steps many runs' AdamW in one fused update.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from torch.utils.checkpoint import checkpoint
 
 from tinkerbell.engine.adapter_io import load_peft, save_peft
 from tinkerbell.engine.batch import BatchContext
-from tinkerbell.engine.lora import AdapterWeights, LoraBatch, LoraSegment, LoraSpec, module_shape
-from tinkerbell.engine.losses import LossConfig, LossFn, datum_inputs, resolve, validate
+from tinkerbell.engine.lora import AdapterWeights, LoraSegment, LoraSpec, module_shape
+from tinkerbell.engine.losses import LossConfig, LossFn, flat_inputs, resolve, validate
 from tinkerbell.engine.models.llama import CausalLM
-from tinkerbell.engine.optimizer import AdamW
+from tinkerbell.engine.optimizer import AdamW, fused_step
+from tinkerbell.engine.training_forward import PackedAttention, TrainLora, hidden_states, packed_positions
+from tinkerbell.engine.training_memory import MemoryPlan, plan_memory
 from tinkerbell.engine.types import AdamParams, EngineUserError, ForwardBackwardResult, TrainDatum
 
 # Elements of one [chunk, vocab] logits block: 32M floats = 128 MiB, ~220 rows at a 150k vocabulary.
@@ -54,6 +60,8 @@ class _Targets:
     ids: np.ndarray  # int64
     # per datum (in segment order): its slice of the flat pairs and the shape of its target_tokens
     spans: list[tuple[int, int, tuple[int, ...]]]
+    first_datum: np.ndarray  # per segment: index of its first datum
+    datum_rows: np.ndarray  # per datum: its first row in the packed batch
 
 
 def _named_params(w: AdapterWeights) -> dict[str, torch.Tensor]:
@@ -72,7 +80,10 @@ def _frozen_view(w: AdapterWeights) -> AdapterWeights:
 
 class Trainer:
     def __init__(self, model: CausalLM, device: torch.device,
-                 logits_chunk_elems: int = DEFAULT_LOGITS_CHUNK_ELEMS, checkpoint_layers: bool = True):
+                 logits_chunk_elems: int = DEFAULT_LOGITS_CHUNK_ELEMS, checkpoint_layers: bool | None = None,
+                 attention: str = "auto", memory: MemoryPlan | None = None):
+        """`checkpoint_layers` None: by the memory plan; `attention`: "auto" (padded on GPU, per-sequence loop on
+        CPU), "padded" or "loop"; `memory`: a fixed plan instead of the measured one (tests)."""
         self.model = model
         self.cfg = model.cfg
         self.device = torch.device(device)
@@ -80,6 +91,8 @@ class Trainer:
         self.model_dtype, self.model_device = first.dtype, first.device
         self.chunk_rows = max(1, logits_chunk_elems // self.cfg.vocab_size)
         self.checkpoint_layers = checkpoint_layers
+        self.attention = attention
+        self._memory = memory
         self._runs: dict[str, _Run] = {}
         self._counters = {"forward_backward_calls": 0, "optim_steps": 0, "tokens_trained": 0, "tokens_scored": 0}
 
@@ -118,7 +131,16 @@ class Trainer:
         return self._get(run_id).weights.spec
 
     def snapshot(self, run_id: str) -> AdapterWeights:
-        return self._get(run_id).weights.detached_copy(dtype=self.model_dtype, device=self.model_device)
+        """A detached copy in the model's dtype and device, for the sampler: one buffer, filled by one fused
+        copy (cast included) rather than one allocation and two copies per tensor."""
+        w = self._get(run_id).weights
+        src = w.parameters()
+        flat = torch.empty(sum(t.numel() for t in src), dtype=self.model_dtype, device=self.model_device)
+        dst = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in src]), src)]
+        torch._foreach_copy_(dst, [t.detach() for t in src])
+        keys = list(w.a)
+        return AdapterWeights(spec=w.spec, a={k: dst[2 * i] for i, k in enumerate(keys)},
+                              b={k: dst[2 * i + 1] for i, k in enumerate(keys)})
 
     def stats(self) -> dict:
         return {"runs": len(self._runs), **self._counters}
@@ -132,47 +154,47 @@ class Trainer:
         loss = resolve(loss_fn)
         config = LossConfig.parse(loss_config)
         validate(data, loss, self.cfg.vocab_size, self.cfg.max_position_embeddings)
+        self._check_size(data)
         return TrainSegment(run_id, data, loss, config, forward_only)
+
+    def _check_size(self, data: list[TrainDatum]) -> None:
+        """Refuse what memory cannot hold (a 4xx that names the limit) instead of running out of it."""
+        plan = self.memory_plan()
+        longest = max(len(d.tokens) for d in data)
+        if longest > plan.max_sequence_tokens:
+            raise EngineUserError(
+                f"a datum has {longest} tokens; this server's training memory holds at most "
+                f"{plan.max_sequence_tokens} tokens per datum")
+        total = sum(len(d.tokens) for d in data)
+        if total > plan.max_request_tokens:
+            raise EngineUserError(
+                f"the request has {total} tokens; at most {plan.max_request_tokens} tokens per forward_backward "
+                "request on this server: split it into several requests (gradients accumulate until optim_step)")
 
     def forward_backward(self, run_id: str, data: list[TrainDatum], loss_fn: str, loss_config: dict[str, float],
                          forward_only: bool) -> ForwardBackwardResult:
         return self.run_segments([self.prepare(run_id, data, loss_fn, loss_config, forward_only)])[0]
 
     def run_segments(self, segments: list[TrainSegment]) -> list[ForwardBackwardResult]:
-        """One packed forward (and backward, unless every segment is forward-only) over all segments' datums;
-        each training segment's gradient is added to its run's accumulator. Results come back per segment."""
+        """One packed forward (and backward, unless every segment is forward-only) over all segments' datums,
+        split into as few micro-batches as memory allows; each training segment's gradient is added to its
+        run's accumulator. Results come back per segment."""
         runs = [self._get(s.run_id) for s in segments]
-        lengths = [len(d.tokens) for s in segments for d in s.data]
-        ids = torch.from_numpy(np.concatenate([np.asarray(d.tokens, dtype=np.int64) for s in segments
-                                               for d in s.data])).to(self.model_device)
-        lora_segments, start = [], 0
-        for seg, run in zip(segments, runs):
-            end = start + sum(len(d.tokens) for d in seg.data)
-            weights = _frozen_view(run.weights) if seg.forward_only else run.weights
-            lora_segments.append(LoraSegment(start, end, weights))
-            start = end
-        ctx = BatchContext.for_packed(lengths, lora=LoraBatch(lora_segments))
+        views = [_frozen_view(r.weights) if s.forward_only else r.weights for s, r in zip(segments, runs)]
         targets = self._targets(segments)
-        need_grad = not all(s.forward_only for s in segments)
-
-        with torch.set_grad_enabled(need_grad):
-            hidden = self.model.hidden_states(ids, ctx, checkpoint_layers=need_grad and self.checkpoint_layers)
-            lp_flat = self._target_logprobs(hidden, ctx, targets)
-            losses, to_backprop, span_iter = [], [], iter(targets.spans)
-            for seg in segments:
-                for d in seg.data:
-                    lo, hi, shape = next(span_iter)
-                    lp = lp_flat[lo:hi].view(shape)
-                    elementwise = seg.loss.compute(lp, datum_inputs(d, seg.loss, lp.device), seg.config)
-                    losses.append(elementwise.detach().reshape(-1))
-                    if not seg.forward_only:
-                        to_backprop.append(elementwise.sum())
-            if to_backprop:
-                torch.stack(to_backprop).sum().backward()
-
-        # One device-to-host copy for the whole batch, then split per datum and per segment.
-        lp_host = lp_flat.detach().float().cpu().numpy()
-        loss_host = torch.cat(losses).float().cpu().numpy()
+        plan = self.memory_plan()
+        total = sum(len(d.tokens) for s in segments for d in s.data)
+        cap, checkpointed = plan.microbatch_tokens(total)
+        if self.checkpoint_layers is not None:
+            checkpointed = self.checkpoint_layers
+        lp_parts, loss_parts = [], []
+        for items in _split(segments, cap):
+            lp, loss = self._micro_batch(segments, views, targets, items, checkpointed)
+            lp_parts.append(lp)
+            loss_parts.append(loss)
+        # One device-to-host copy per micro-batch, then split per datum and per segment on the host.
+        lp_host = np.concatenate(lp_parts) if lp_parts else np.zeros(0, np.float32)
+        loss_host = np.concatenate(loss_parts) if loss_parts else np.zeros(0, np.float32)
         results, span_iter = [], iter(targets.spans)
         for seg in segments:
             outputs, loss_sum = [], 0.0
@@ -189,6 +211,65 @@ class Trainer:
         self._counters["forward_backward_calls"] += len(segments)
         return results
 
+    def _micro_batch(self, segments: list[TrainSegment], views: list[AdapterWeights], targets: _Targets,
+                     items: list[tuple[int, int, int]], checkpointed: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Forward (and backward) of datums `items` ((segment, first datum, end datum), in batch order); returns
+        their flat logprobs and elementwise losses on the host."""
+        dev = self.model_device
+        data = [d for i, d0, d1 in items for d in segments[i].data[d0:d1]]
+        lengths = [len(d.tokens) for d in data]
+        ids = torch.from_numpy(np.concatenate([np.asarray(d.tokens, dtype=np.int64) for d in data])).to(dev)
+        lora_segments, row = [], 0
+        for i, d0, d1 in items:
+            n = sum(len(d.tokens) for d in segments[i].data[d0:d1])
+            prev = lora_segments[-1] if lora_segments else None
+            if prev is not None and prev.weights is views[i] and prev.end == row:
+                prev.end += n  # the same run's consecutive requests share one LoRA matmul
+            else:
+                lora_segments.append(LoraSegment(row, row + n, views[i]))
+            row += n
+        ctx = BatchContext(spans=[], lora=TrainLora(lora_segments), position_ids=packed_positions(lengths, dev))
+        attend = PackedAttention(lengths, dev, padded=self._padded_attention(dev))
+        # this micro-batch's (row, id) pairs: a contiguous range of the batch's, shifted to its first row
+        first_datum = int(targets.first_datum[items[0][0]]) + items[0][1]
+        last_datum = int(targets.first_datum[items[-1][0]]) + items[-1][2] - 1
+        p0, p1 = targets.spans[first_datum][0], targets.spans[last_datum][1]
+        local = _Targets(targets.rows[p0:p1] - int(targets.datum_rows[first_datum]), targets.ids[p0:p1], [],
+                         targets.first_datum, targets.datum_rows)
+        need_grad = not all(segments[i].forward_only for i, _, _ in items)
+
+        with torch.set_grad_enabled(need_grad):
+            hidden = hidden_states(self.model, ids, ctx, attend, need_grad and checkpointed)
+            lp_flat = self._target_logprobs(hidden, ctx, local)
+            losses, to_backprop, at = [], [], 0
+            for i, d0, d1 in items:
+                seg = segments[i]
+                sizes = [int(np.asarray(d.inputs["target_tokens"]).size) for d in seg.data[d0:d1]]
+                lp = lp_flat[at:at + sum(sizes)]
+                at += sum(sizes)
+                group = None
+                if len(sizes) > 1:
+                    group = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)).to(dev)
+                inputs = flat_inputs(seg.data[d0:d1], seg.loss, seg.config, lp.device)
+                elementwise = seg.loss.compute(lp, inputs, seg.config, group)
+                losses.append(elementwise.detach())
+                if not seg.forward_only:
+                    to_backprop.append(elementwise.sum())
+            if to_backprop:
+                torch.stack(to_backprop).sum().backward()
+        return lp_flat.detach().float().cpu().numpy(), torch.cat(losses).float().cpu().numpy()
+
+    def _padded_attention(self, device: torch.device) -> bool:
+        if self.attention == "auto":
+            return device.type == "cuda"
+        return self.attention == "padded"
+
+    def memory_plan(self) -> MemoryPlan:
+        """Measured once, on first use: by then the sampler's KV cache holds its share of the GPU."""
+        if self._memory is None:
+            self._memory = plan_memory(self.model, self.chunk_rows * self.cfg.vocab_size)
+        return self._memory
+
     def _targets(self, segments: list[TrainSegment]) -> _Targets:
         rows, ids, spans = [], [], []
         offset = flat = 0
@@ -200,7 +281,9 @@ class Trainer:
                 ids.append(t.reshape(-1))
                 spans.append((flat, flat + n * k, tuple(t.shape)))
                 offset, flat = offset + n, flat + n * k
-        return _Targets(np.concatenate(rows), np.concatenate(ids), spans)
+        first_datum = np.cumsum([0] + [len(s.data) for s in segments])
+        datum_rows = np.cumsum([0] + [len(d.tokens) for s in segments for d in s.data])
+        return _Targets(np.concatenate(rows), np.concatenate(ids), spans, first_datum, datum_rows)
 
     def _target_logprobs(self, hidden: torch.Tensor, ctx: BatchContext, targets: _Targets) -> torch.Tensor:
         """log_softmax(logits)[row, id] for every target pair, [chunk, vocab] logits at a time. With autograd on,
@@ -227,9 +310,38 @@ class Trainer:
         return logits[local_rows, ids] - torch.logsumexp(logits, dim=-1)[local_rows]
 
     def optim_step(self, run_id: str, params: AdamParams) -> dict[str, float]:
-        metrics = self._get(run_id).optimizer.step(params)
-        self._counters["optim_steps"] += 1
-        return metrics
+        out = self.optim_steps([(run_id, params)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def optim_steps(self, steps: list[tuple[str, AdamParams]]) -> list[dict[str, float] | EngineUserError]:
+        """AdamW steps of many runs in one fused update (each with its own hyper-parameters); a refused step
+        (unknown run, bad parameters, non-finite gradient) is returned as its error and the others proceed.
+        A run named twice steps twice, in order."""
+        results: list[dict[str, float] | EngineUserError | None] = [None] * len(steps)
+        pending = list(range(len(steps)))
+        while pending:
+            batch, seen, later = [], set(), []
+            for i in pending:
+                run_id = steps[i][0]
+                if run_id in seen:
+                    later.append(i)
+                    continue
+                try:
+                    self._get(run_id)
+                except EngineUserError as e:
+                    results[i] = e
+                    continue
+                seen.add(run_id)
+                batch.append(i)
+            outs = fused_step([self._runs[steps[i][0]].optimizer for i in batch], [steps[i][1] for i in batch])
+            for i, out in zip(batch, outs):
+                results[i] = out
+                if not isinstance(out, Exception):
+                    self._counters["optim_steps"] += 1
+            pending = later
+        return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
@@ -267,3 +379,25 @@ class Trainer:
                     f"the checkpoint's adapter does not fit this base model: {key} has LoRA shapes "
                     f"{list(w.a[key].shape)} / {list(w.b[key].shape)}, want {[r, fan_in]} / {[fan_out, r]}"
                 )
+
+
+def _split(segments: list[TrainSegment], cap: int) -> list[list[tuple[int, int, int]]]:
+    """Cut the batch, in order and at datum boundaries, into micro-batches of at most `cap` tokens (a longer
+    datum, which `_check_size` allowed, goes alone). Each is a list of (segment, first datum, end datum)."""
+    out: list[list[tuple[int, int, int]]] = []
+    cur: list[tuple[int, int, int]] = []
+    tokens = 0
+    for i, seg in enumerate(segments):
+        d0 = 0
+        for j, d in enumerate(seg.data):
+            n = len(d.tokens)
+            if tokens > 0 and tokens + n > cap:
+                if j > d0:
+                    cur.append((i, d0, j))
+                out.append(cur)
+                cur, tokens, d0 = [], 0, j
+            tokens += n
+        cur.append((i, d0, len(seg.data)))
+    if cur:
+        out.append(cur)
+    return out

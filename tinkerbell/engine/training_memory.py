@@ -1,0 +1,108 @@
+"""How many tokens one training micro-batch may hold, and whether it needs activation checkpointing.
+
+The bytes autograd keeps per token per layer are measured, not guessed: one decoder layer runs forward at two
+batch sizes under `saved_tensors_hooks`, and the slope is what each extra token costs (weights excluded). With
+checkpointing a layer keeps only its input, but the layer being recomputed holds its full set again, so
+
+    without: T · (L · per_layer + per_token_other)
+    with:    T · (L · hidden_bytes + per_layer + per_token_other)
+
+must fit the budget. On GPU the budget is the memory free when training first runs (after the sampler's KV
+cache took its `--gpu-memory-util` share), less a reserve; on CPU it is a fixed figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tinkerbell.engine.batch import BatchContext
+from tinkerbell.engine.models.llama import CausalLM
+from tinkerbell.engine.training_forward import PackedAttention, TrainLora, layer_forward, packed_positions
+
+CPU_BUDGET_BYTES = 8 * 2**30
+GPU_RESERVE_BYTES = 2 * 2**30  # the sampler's transient activations and allocator slack
+GPU_FREE_FRACTION = 0.9
+# A micro-batch at least this large keeps the GPU busy, so splitting into such micro-batches without
+# checkpointing beats one checkpointed batch (which recomputes every layer's forward: a third more work).
+EFFICIENT_TOKENS = 4096
+# A request may span at most this many micro-batches: it bounds how long one request holds the engine.
+MAX_MICROBATCHES_PER_REQUEST = 32
+PROBE_TOKENS = (64, 128)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget_bytes: int
+    layer_bytes_per_token: float  # what one layer keeps for backward, per token
+    checkpoint_bytes_per_token: float  # what a checkpointed layer keeps (its input), per token
+    other_bytes_per_token: float  # embeddings, final norm, hidden-state gradient, per-target scalars
+    num_layers: int
+
+    def max_tokens(self, checkpointed: bool) -> int:
+        if checkpointed:
+            per = self.num_layers * self.checkpoint_bytes_per_token + self.layer_bytes_per_token
+        else:
+            per = self.num_layers * self.layer_bytes_per_token
+        return max(1, int(self.budget_bytes // (per + self.other_bytes_per_token)))
+
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The longest datum that can train at all (alone, checkpointed)."""
+        return self.max_tokens(checkpointed=True)
+
+    @property
+    def max_request_tokens(self) -> int:
+        return MAX_MICROBATCHES_PER_REQUEST * self.max_sequence_tokens
+
+    def microbatch_tokens(self, total: int) -> tuple[int, bool]:
+        """(token cap of each micro-batch, checkpointed?) for a batch of `total` tokens."""
+        plain = self.max_tokens(checkpointed=False)
+        if total <= plain or plain >= EFFICIENT_TOKENS:
+            return plain, False
+        return self.max_tokens(checkpointed=True), True
+
+
+def _saved_bytes(model: CausalLM, tokens: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves for one layer over `tokens` tokens."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in param_storages:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    x = torch.randn(tokens, model.cfg.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    ctx = BatchContext(spans=[], lora=TrainLora([]), position_ids=packed_positions([tokens], device))
+    cos, sin = model.rope(ctx.positions(device), dtype)
+    attend = PackedAttention([tokens], device, padded=device.type == "cuda")
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer_forward(model.model.layers[0], x, cos, sin, ctx, attend)
+    del out
+    return sum(seen.values())
+
+
+def plan_memory(model: CausalLM, logits_chunk_elems: int) -> MemoryPlan:
+    first = next(model.parameters())
+    device, dtype = first.device, first.dtype
+    lo, hi = PROBE_TOKENS
+    # The input x itself is saved too; LoRA adds [T, rank] pieces and casts, hence the 10% margin.
+    per_layer = 1.1 * (_saved_bytes(model, hi, device, dtype) - _saved_bytes(model, lo, device, dtype)) / (hi - lo)
+    elt = first.element_size()
+    hidden_bytes = model.cfg.hidden_size * elt
+    # embedding out, final-norm in/out (float32 inside RMSNorm), the gradient flowing back, targets and outputs
+    other = 6 * model.cfg.hidden_size * 4 + 64
+    # the [chunk, vocab] block of logits: bf16 matmul out, its float32 copy, softmax and gradient
+    logits_ws = logits_chunk_elems * (elt + 3 * 4)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = int(GPU_FREE_FRACTION * (free + cached)) - GPU_RESERVE_BYTES - logits_ws
+    else:
+        budget = CPU_BUDGET_BYTES - logits_ws
+    return MemoryPlan(budget_bytes=max(budget, 0), layer_bytes_per_token=per_layer,
+                      checkpoint_bytes_per_token=hidden_bytes, other_bytes_per_token=other,
+                      num_layers=model.cfg.num_layers)
