@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from fastapi import FastAPI
 
 from tinkerbell.api import codec, errors, ops
+from tinkerbell.api.compat import router as compat_router
 from tinkerbell.api.tinker import Services
 from tinkerbell.api.tinker import router as tinker_router
 from tinkerbell.config import ServeConfig, resolve_default_model
@@ -102,6 +103,7 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None) -> FastAPI:
     errors.install(app)
     app.include_router(tinker_router)
     app.include_router(ops.router)
+    app.include_router(compat_router)  # the original client API; after the others, whose paths win
     app.add_middleware(_CountRequests, counters=app.state.ops)
     return app
 

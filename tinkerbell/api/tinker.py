@@ -244,8 +244,11 @@ async def forward_backward(request: Request) -> dict[str, Any]:
     body = await read_body(request, MAX_FORWARD_BACKWARD_BYTES)
     encoding = request.headers.get("content-encoding")
     if "json" in (request.headers.get("content-type") or ""):
-        raise BadRequest("forward_backward takes a protobuf ForwardBackwardRequest (Content-Type: "
-                         "application/x-protobuf), as the tinker SDK sends it")
+        # JSON here is the original Tinkerbell client's form (chat conversations, answered synchronously);
+        # the tinker SDK always sends protobuf.
+        from tinkerbell.api import compat
+
+        return await compat.forward_backward_sync(request, load_json(body))
     try:
         model_id, seq_id = codec.peek_forward_backward_ids(body, encoding)
     except codec.WireError as e:
@@ -268,6 +271,10 @@ async def forward_backward(request: Request) -> dict[str, Any]:
 async def optim_step(request: Request) -> dict[str, Any]:
     tenant = tenant_of(request)
     body = await json_body(request)
+    from tinkerbell.api import compat
+
+    if compat.is_original_form(body):  # no seq_id / type: the original client's synchronous optim_step
+        return await compat.optim_step_sync(request, body)
     model_id, seq_id = _ids(body)
     runs = svc(request).runs
 
@@ -356,6 +363,10 @@ async def asample(request: Request) -> dict[str, Any]:
     tenant = tenant_of(request)
     s = svc(request)
     body = await json_body(request)
+    from tinkerbell.api import compat
+
+    if compat.is_original_form(body):  # prompts / model_id, no seq_id / type: the original client's asample
+        return await compat.asample(request, body)
 
     def make_job(req: dict[str, Any]):
         try:
