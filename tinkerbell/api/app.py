@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from fastapi import FastAPI
 
 from tinkerbell.api import codec, errors, ops
-from tinkerbell.api.compat import router as compat_router
+from tinkerbell.api import openai as openai_api
 from tinkerbell.api.tinker import Services
 from tinkerbell.api.tinker import router as tinker_router
 from tinkerbell.config import ServeConfig, resolve_default_model
@@ -103,7 +103,7 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None) -> FastAPI:
     errors.install(app)
     app.include_router(tinker_router)
     app.include_router(ops.router)
-    app.include_router(compat_router)  # the original client API; after the others, whose paths win
+    openai_api.install(app)  # /v1/*: OpenAI-shaped errors, its own catch-all for unknown /v1 paths
     app.add_middleware(_CountRequests, counters=app.state.ops)
     return app
 

@@ -243,6 +243,10 @@ class Engine:
         """Make a saved adapter samplable under `adapter_key` (loaded into a slot lazily, on first use)."""
         return self._call(lambda: self.sampler.register_adapter(adapter_key, src_dir))
 
+    def unregister_adapter(self, adapter_key: str) -> "Future[bool]":
+        """Forget `adapter_key` (False if unknown); requests already running keep their weights."""
+        return self._call(lambda: self.sampler.unregister_adapter(adapter_key))
+
     def sample(self, job: SampleJob) -> "Future[SampleResult]":
         fut: Future = Future()
 

@@ -50,6 +50,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS futures_dedupe ON futures (dedupe_key) WHERE d
 CREATE TABLE IF NOT EXISTS metrics (
     run TEXT NOT NULL, seq_id INTEGER NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL, metrics TEXT NOT NULL,
     PRIMARY KEY (run, seq_id, kind));
+CREATE TABLE IF NOT EXISTS lora_adapters (
+    tenant TEXT NOT NULL, name TEXT NOT NULL, path TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (tenant, name));
 """
 
 
@@ -317,3 +320,19 @@ class Store:
         for r in rows:
             r["metrics"] = json.loads(r["metrics"])
         return rows
+
+    # ----------------------------------------------------------------------------------------- named adapters
+
+    def put_lora_adapter(self, tenant: str, name: str, path: str) -> None:
+        """Register (or re-point) a PEFT folder under a name of the OpenAI face (`/v1/load_lora_adapter`)."""
+        self._exec("INSERT OR REPLACE INTO lora_adapters (tenant, name, path, created) VALUES (?, ?, ?, ?)",
+                   (tenant, name, path, now()))
+
+    def get_lora_adapter(self, tenant: str, name: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM lora_adapters WHERE tenant = ? AND name = ?", (tenant, name))
+
+    def delete_lora_adapter(self, tenant: str, name: str) -> bool:
+        return self._exec("DELETE FROM lora_adapters WHERE tenant = ? AND name = ?", (tenant, name)).rowcount == 1
+
+    def list_lora_adapters(self, tenant: str) -> list[dict[str, Any]]:
+        return self._all("SELECT * FROM lora_adapters WHERE tenant = ? ORDER BY created, name", (tenant,))

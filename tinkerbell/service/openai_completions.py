@@ -1,0 +1,277 @@
+"""Completions for the OpenAI face: model name → adapter, prompt → tokens, engine jobs, tokens → choices.
+
+The API layer hands in already type-checked options; this module checks what needs the model (vocabulary,
+context length), submits one engine job per prompt (`n` samples each, sharing the prompt's KV blocks) and turns
+the finished `SampleResult`s into choices of text pieces (see openai_text.py). It knows nothing of HTTP or of
+the OpenAI JSON shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+from tinkerbell.engine.types import SampledSequence, SampleJob, SampleResult
+from tinkerbell.service import openai_text as text
+from tinkerbell.service.errors import BadRequest, NotFound, ServiceError
+from tinkerbell.service.openai_adapters import AdapterRegistry, param_error
+from tinkerbell.service.samplers import SamplerManager
+
+if TYPE_CHECKING:
+    from tinkerbell.engine.engine import Engine
+
+log = logging.getLogger("tinkerbell.openai")
+
+_SAMPLER_ID = re.compile(r"^.+:sample:\d+$")
+# Engine validation messages start with the engine's field name; OpenAI clients know these fields by other names.
+_ENGINE_FIELDS = {"prompt": "prompt", "num_samples": "n", "max_tokens": "max_tokens", "temperature": "temperature",
+                  "top_p": "top_p", "top_k": "top_k", "topk_sample_logprobs": "logprobs", "stop_strings": "stop",
+                  "topk_prompt_logprobs": "logprobs", "adapter_key": "model"}
+
+
+@dataclass
+class SamplingOptions:
+    """OpenAI's knobs, type-checked by the API layer. `max_tokens` None: `default_max_tokens`, itself None for
+    the remaining context (chat) — both capped at what the context leaves."""
+
+    n: int = 1
+    max_tokens: int | None = None
+    default_max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop: bool = False
+    logprobs: int | None = None  # alternatives per token; None: no logprobs at all
+    echo: bool = False
+    prompt_field: str = "prompt"  # what a prompt error names: "prompt" or "messages"
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float | None
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Choice:
+    index: int
+    pieces: list[str]  # visible text of each returned token: ''.join(pieces) is the completion text
+    finish_reason: str  # "stop" | "length"
+    logprobs: list[TokenLogprob] | None = None  # aligned with pieces
+    echo_pieces: list[str] = field(default_factory=list)  # the prompt's text, when echoed
+    echo_logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.echo_pieces) + "".join(self.pieces)
+
+
+@dataclass
+class Completion:
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Submitted:
+    """Jobs on the engine: one per prompt. Cancel them if the client goes away."""
+
+    prompts: list[list[int]]
+    options: SamplingOptions
+    futures: list[Future]
+    discard_output: bool  # echo with max_tokens=0: the engine ran one token we do not return
+
+    def cancel(self) -> None:
+        for f in self.futures:
+            f.cancel()
+
+
+class CompletionService:
+    def __init__(self, engine: "Engine", samplers: SamplerManager, adapters: AdapterRegistry, model_name: str):
+        self.engine, self.samplers, self.adapters = engine, samplers, adapters
+        self.model_name = model_name
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    # ------------------------------------------------------------------------------------------- inputs
+
+    async def resolve_model(self, tenant: str, model: str) -> str | None:
+        """The engine adapter key for `model` (None: the base model)."""
+        if model == self.model_name:
+            return None
+        try:
+            if model.startswith("tinker://"):
+                return self.samplers.resolve_adapter(tenant, {"model_path": model})[1]
+            if _SAMPLER_ID.match(model) and self.samplers.store.get_sampler(model) is not None:
+                return self.samplers.resolve_adapter(tenant, {"sampling_session_id": model})[1]
+        except ServiceError as e:
+            raise param_error(type(e), "model", e.detail) from None
+        key = await self.adapters.adapter_key(tenant, model)
+        if key is None:
+            raise param_error(NotFound, "model", f"the model {model!r} does not exist on this server: use the base "
+                                                 f"model {self.model_name!r}, a tinker:// sampler checkpoint path, or "
+                                                 "an adapter loaded with /v1/load_lora_adapter (see GET /v1/models)")
+        return key
+
+    def encode_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """Completions' `prompt`: a string, strings, token ids, or lists of token ids (one job each)."""
+        if isinstance(prompt, str):
+            items: list[Any] = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            items = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            items = list(prompt)
+        if not items:
+            raise param_error(BadRequest, "prompt", "must not be empty")
+        out = []
+        for i, item in enumerate(items):
+            ids = self.tokenizer.encode(item, add_special_tokens=True) if isinstance(item, str) else list(item)
+            self._check_tokens(ids, "prompt" if len(items) == 1 else f"prompt[{i}]")
+            out.append([int(t) for t in ids])
+        return out
+
+    def render_chat(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None = None) -> list[int]:
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise param_error(BadRequest, "messages", f"the model {self.model_name!r} has no chat template in its "
+                                                      "tokenizer; use /v1/completions with a formatted prompt")
+        try:
+            rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                               **(template_kwargs or {}))
+        except Exception as e:  # noqa: BLE001 - a template may raise anything (jinja errors, raise_exception)
+            raise param_error(BadRequest, "messages", f"the chat template rejected these messages: {e}") from None
+        ids = tok.encode(rendered, add_special_tokens=False)
+        self._check_tokens(ids, "messages")
+        return [int(t) for t in ids]
+
+    def _check_tokens(self, ids: Sequence[int], param: str) -> None:
+        vocab = self.engine.vocab_size
+        if not ids:
+            raise param_error(BadRequest, param, "has no tokens")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise param_error(BadRequest, param, f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+    # ------------------------------------------------------------------------------------------- jobs
+
+    def _max_tokens(self, prompt: list[int], opts: SamplingOptions) -> int:
+        room = self.engine.max_context - len(prompt)
+        if room < 1:
+            raise param_error(BadRequest, opts.prompt_field, f"is {len(prompt)} tokens; the model's context is "
+                                                             f"{self.engine.max_context}, leaving no room to generate")
+        if opts.max_tokens is None:
+            return room if opts.default_max_tokens is None else min(opts.default_max_tokens, room)
+        if opts.max_tokens > room:
+            raise param_error(BadRequest, "max_tokens", f"{opts.max_tokens} plus the {len(prompt)} prompt tokens "
+                                                        f"exceeds the model's context of {self.engine.max_context} "
+                                                        f"tokens; ask for at most {room}")
+        return opts.max_tokens
+
+    def submit(self, prompts: list[list[int]], opts: SamplingOptions, adapter_key: str | None) -> Submitted:
+        discard = opts.max_tokens == 0
+        if discard and not opts.echo:
+            raise param_error(BadRequest, "max_tokens", "must be at least 1 (0 only with echo, to score a prompt)")
+        admit = getattr(self.samplers, "admit", None)  # the shared queue bound (429 when full), where present
+        if admit is not None:
+            admit()
+        jobs = []
+        for prompt in prompts:
+            max_tokens = 1 if discard else self._max_tokens(prompt, opts)
+            if discard:
+                self._max_tokens(prompt, SamplingOptions(max_tokens=1, prompt_field=opts.prompt_field))
+            k = opts.logprobs or 0
+            jobs.append(SampleJob(
+                prompt=prompt, num_samples=opts.n, max_tokens=max_tokens, temperature=opts.temperature,
+                top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed, stop_token_ids=list(opts.stop_token_ids),
+                stop_strings=list(opts.stop), stop_at_eos=not opts.ignore_eos, adapter_key=adapter_key,
+                prompt_logprobs=opts.echo and opts.logprobs is not None,
+                topk_prompt_logprobs=k if opts.echo else 0, topk_sample_logprobs=k))
+        futures = []
+        for job in jobs:
+            self.samplers.samples_requested += job.num_samples
+            self.samplers.in_flight += 1
+            futures.append(self.engine.sample(job))
+        return Submitted(prompts, opts, futures, discard)
+
+    async def results(self, sub: Submitted) -> Completion:
+        """Wait for every job (cancelling the rest if this wait is cancelled) and build the choices."""
+        try:
+            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in sub.futures))
+        except ValueError as e:  # EngineUserError: the engine's own admission checks
+            sub.cancel()
+            msg = str(e)
+            param = _ENGINE_FIELDS.get(msg.split(":", 1)[0].strip(), None)
+            if param == "prompt":
+                param = sub.options.prompt_field
+            err = BadRequest(msg)
+            err.param = param  # type: ignore[attr-defined]
+            raise err from None
+        except BaseException:
+            sub.cancel()
+            raise
+        finally:
+            # The Tinker face's counters (/stats, /metrics) count this face's samples too.
+            self.samplers.in_flight -= len(sub.futures)
+        self.samplers.tokens_sampled += sum(len(s.tokens) for r in results for s in r.sequences)
+        return self.build(sub, results)
+
+    # ------------------------------------------------------------------------------------------- outputs
+
+    def build(self, sub: Submitted, results: list[SampleResult]) -> Completion:
+        opts = sub.options
+        choices: list[Choice] = []
+        completion_tokens = 0
+        for prompt, result in zip(sub.prompts, results):
+            echo_pieces, echo_lps = self._echo(prompt, result) if opts.echo else ([], None)
+            for seq in result.sequences:
+                if sub.discard_output:
+                    choice = Choice(len(choices), [], "length", [] if opts.logprobs is not None else None)
+                else:
+                    completion_tokens += len(seq.tokens)
+                    choice = self._choice(len(choices), prompt, seq, opts)
+                choice.echo_pieces = echo_pieces
+                choice.echo_logprobs = echo_lps
+                choices.append(choice)
+        return Completion(choices, sum(len(p) for p in sub.prompts), completion_tokens)
+
+    def _choice(self, index: int, prompt: list[int], seq: SampledSequence, opts: SamplingOptions) -> Choice:
+        tok = self.tokenizer
+        pieces, stopped = text.apply_stop(text.token_pieces(tok, prompt, seq.tokens), opts.stop, opts.include_stop)
+        finish = "stop" if stopped else seq.stop_reason
+        logprobs = None
+        if opts.logprobs is not None:
+            logprobs = []
+            for i in range(len(pieces)):
+                top: list[tuple[str, float]] = []
+                if seq.topk_ids is not None and seq.topk_logprobs is not None:
+                    top = [(text.token_string(tok, int(t)), float(lp))
+                           for t, lp in zip(seq.topk_ids[i], seq.topk_logprobs[i])]
+                logprobs.append(TokenLogprob(text.token_string(tok, seq.tokens[i]), float(seq.logprobs[i]), top))
+        return Choice(index, pieces, finish, logprobs)
+
+    def _echo(self, prompt: list[int], result: SampleResult) -> tuple[list[str], list[TokenLogprob] | None]:
+        tok = self.tokenizer
+        pieces = text.token_pieces(tok, [], prompt)
+        if result.prompt_logprobs is None:
+            return pieces, None
+        lps: list[TokenLogprob] = []
+        for i, t in enumerate(prompt):
+            lp = None if i == 0 else float(result.prompt_logprobs[i])
+            top: list[tuple[str, float]] = []
+            if i > 0 and result.topk_prompt_ids is not None and result.topk_prompt_logprobs is not None:
+                top = [(text.token_string(tok, int(a)), float(b))
+                       for a, b in zip(result.topk_prompt_ids[i], result.topk_prompt_logprobs[i])]
+            lps.append(TokenLogprob(text.token_string(tok, t), lp, top))
+        return pieces, lps
