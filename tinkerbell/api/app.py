@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from tinkerbell.api import codec, errors, ops
 from tinkerbell.api import openai as openai_api
+from tinkerbell.api.compat import router as compat_router
 from tinkerbell.api.tinker import Services
 from tinkerbell.api.tinker import router as tinker_router
 from tinkerbell.config import ServeConfig, resolve_default_model
@@ -104,6 +105,7 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None) -> FastAPI:
     app.include_router(tinker_router)
     app.include_router(ops.router)
     openai_api.install(app)  # /v1/*: OpenAI-shaped errors, its own catch-all for unknown /v1 paths
+    app.include_router(compat_router)  # the original client API; after the others, whose paths win
     app.add_middleware(_CountRequests, counters=app.state.ops)
     return app
 
