@@ -5,7 +5,7 @@ adapter, so `remove_lora` can close it), training data is chat conversations ren
 (compat_chat.py), every request goes through the run's ordered queue and the futures registry, sampling from
 a `model_id` hands the run's current weights to the sampler in memory (the SDK's
 `save_weights_and_get_sampling_client` path), checkpoints are the service's PEFT checkpoints. The only state
-kept here is an id cache (which in-memory sampler already holds a run's current weights).
+kept is an id cache (compat_state.py). Request bodies are in compat_models.py.
 
 Three paths are shared with the Tinker face (`/api/v1/forward_backward`, `/api/v1/optim_step`,
 `/api/v1/asample`); api/tinker.py hands a request here only when its form is the original client's
@@ -17,329 +17,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from typing import Any, Awaitable, Callable
 
-import pydantic
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
+from tinker.proto.response_conv import deserialize_forward_backward_output
 
-from tinkerbell.api import codec
-from tinkerbell.api.compat_chat import ChatRenderer
-from tinkerbell.api.schemas import format_errors
+from tinkerbell.api.compat_models import (  # noqa: F401 - is_original_form is api/tinker.py's entry point
+    Adam,
+    AddLora,
+    Load,
+    ModelRef,
+    OptimStep,
+    Sample,
+    Save,
+    Train,
+    is_original_form,
+    parse,
+)
+from tinkerbell.api.compat_state import REMOVED, SYNC_TIMEOUT_SECONDS, Compat, compat, fb_json
 from tinkerbell.api.tinker import Services, json_body, svc, tenant_of
 from tinkerbell.engine.lora import ATTN_MODULES, MLP_MODULES, UNEMBED_KEY, LoraSpec
 from tinkerbell.engine.types import LOSS_FUNCTIONS, AdamParams
 from tinkerbell.service.checkpoints import parse_tinker_path, tinker_path, validate_name
 from tinkerbell.service.errors import BadRequest, Gone, NotFound, ServiceError
-from tinkerbell.service.futures import PROTO, Answer
 
 log = logging.getLogger("tinkerbell.compat")
 
 router = APIRouter(tags=["original client API"])
 
-# A sync route holds the request this long, then answers 202 with the request_id to poll.
-SYNC_TIMEOUT_SECONDS = 600.0
 # /retrieve_future holds a pending request at most this long before answering 202 (clients poll in a loop).
 RETRIEVE_HOLD_SECONDS = 1.0
 MAX_RETRIEVE_HOLD_SECONDS = 30.0
-# The original server's default when sampling_params.max_tokens is absent.
-DEFAULT_MAX_TOKENS = 50
-REMOVED = "removed"  # finish reason of an adapter's session after remove_lora
-BASE_ALIASES = ("base", "", None)
-
-
-# --------------------------------------------------------------------------------------------- request bodies
-
-
-class _Body(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="ignore", allow_inf_nan=False)
-
-
-class AddLora(_Body):
-    base_model: str | None = "base"
-    rank: int = pydantic.Field(16, ge=1)
-    alpha: float = pydantic.Field(32.0, gt=0)
-    target_modules: list[str] | str | None = None
-    lora_dropout: float | None = pydantic.Field(None, ge=0, lt=1)
-    seed: int | None = None
-
-
-class ModelRef(_Body):
-    model_id: str | None = None
-    adapter_id: str | None = None  # the original server accepted either name
-
-    @property
-    def ref(self) -> str:
-        ref = self.model_id or self.adapter_id
-        if not ref:
-            raise BadRequest("body.model_id is required (the id /add_lora returned)")
-        return ref
-
-
-class Train(ModelRef):
-    data: list[Any] = pydantic.Field(min_length=1)
-    loss_fn: str = "cross_entropy"
-    loss_config: dict[str, float] | None = None
-
-
-class Adam(_Body):
-    learning_rate: float = pydantic.Field(1e-4, ge=0)
-    beta1: float = pydantic.Field(0.9, ge=0, lt=1)
-    beta2: float = pydantic.Field(0.95, ge=0, lt=1)
-    eps: float = pydantic.Field(1e-12, gt=0)
-    weight_decay: float = pydantic.Field(0.0, ge=0)
-    grad_clip_norm: float = pydantic.Field(0.0, ge=0)
-
-
-class OptimStep(ModelRef):
-    adam_params: Adam | None = None
-
-
-class Sample(ModelRef):
-    base_model: str | None = None
-    model_path: str | None = None
-    prompts: list[Any] | str | None = None
-    prompt: Any = None
-    sampling_params: dict[str, Any] = pydantic.Field(default_factory=dict)
-    num_samples: int | None = pydantic.Field(None, ge=1)
-    chat_template: bool = True  # false: prompt strings are sent to the model as they are
-
-
-class Save(ModelRef):
-    path: str | None = None
-    name: str | None = None
-    overwrite: bool = False
-    ttl_seconds: int | None = None
-
-
-class Load(ModelRef):
-    path: str
-    optimizer: bool = True
-
-
-def parse(model: type[_Body], body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body)
-    except pydantic.ValidationError as e:
-        raise BadRequest(format_errors(list(e.errors()))) from None
-
-
-def is_original_form(body: dict[str, Any]) -> bool:
-    """True for the original client's JSON on a path it shares with the Tinker face: the SDK always sends
-    `seq_id` and a `type` discriminator (and samples by `sampling_session_id`), the original client never."""
-    if any(k in body for k in ("seq_id", "type", "sampling_session_id")):
-        return False
-    return any(k in body for k in ("prompts", "model_id", "adapter_id", "data")) or body.get("base_model") == "base"
-
-
-# --------------------------------------------------------------------------------------------- shared state
-
-
-class Compat:
-    """Per-app helpers; the only state is a cache of which in-memory sampler holds a run's current weights."""
-
-    def __init__(self, s: Services):
-        self.s = s
-        self.renderer = ChatRenderer(s.engine.tokenizer, s.engine.max_context) if hasattr(s.engine, "tokenizer") \
-            else None
-        self._published: dict[str, tuple[int, str]] = {}  # model_id -> (run's next_seq then, sampler id)
-        self._sampler_seq: dict[str, int] = {}  # session -> next sampling_session_seq_id
-        self._tasks: set[asyncio.Task] = set()
-
-    def chat(self) -> ChatRenderer:
-        if self.renderer is None:
-            raise BadRequest("this server's engine has no tokenizer, so text prompts and conversations cannot be "
-                             "rendered; send token ids through the tinker SDK")
-        return self.renderer
-
-    def is_base(self, name: str | None) -> bool:
-        return name in BASE_ALIASES or name == self.s.model_name
-
-    def check_base(self, name: str | None, field: str = "base_model") -> None:
-        if not self.is_base(name):
-            raise NotFound(f"{field} {name!r} is not served by this server; it serves {self.s.model_name!r} "
-                           "(\"base\" means the served model)")
-
-    def run(self, tenant: str, model_id: str) -> dict[str, Any]:
-        try:
-            row = self.s.runs.require(tenant, model_id)
-        except NotFound:
-            raise NotFound(f"model_id {model_id!r} is not an adapter of this API key (create one with /add_lora)") \
-                from None
-        session = self.s.store.get_session(row["session_id"]) if row.get("session_id") else None
-        if session and session.get("finish_reason") == REMOVED:
-            raise NotFound(f"model_id {model_id!r} was removed with remove_lora; create a new one with /add_lora")
-        return row
-
-    def spawn(self, coro: Awaitable[Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    # ----------------------------------------------------------------------------------------- futures
-
-    async def answer(self, tenant: str, rid: str, timeout: float) -> Answer | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            ans = await self.s.futures.wait(rid, tenant, max(0.0, min(left, 25.0)))
-            if ans is not None or left <= 0:
-                return ans
-
-    async def result(self, tenant: str, rid: str) -> dict[str, Any]:
-        """The finished future's result as JSON, or a ServiceError carrying its failure."""
-        ans = await self.answer(tenant, rid, SYNC_TIMEOUT_SECONDS)
-        if ans is None:
-            raise BadRequest(f"request {rid} did not finish in {SYNC_TIMEOUT_SECONDS:.0f}s")
-        status, body = self.present(rid, ans)
-        if status != 200:
-            raise BadRequest(body["error"])
-        return body
-
-    def present(self, rid: str, ans: Answer) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, JSON body) of a finished future in the original client's terms."""
-        import json
-
-        if ans.failed:
-            err = json.loads(ans.body)
-            status = 500 if err.get("category") == "server" else 422
-            return status, {"status": "failed", "request_id": rid, "error": err.get("error"),
-                            "category": err.get("category"), "detail": err.get("error")}
-        if ans.content_type != PROTO:
-            return 200, json.loads(ans.body)
-        row = self.s.store.get_future(rid) or {}
-        if row.get("kind") == "sample":
-            return 200, self.sample_json([ans.body])
-        out = deserialize_forward_backward_output(ans.body)
-        return 200, fb_json(out.metrics, out.loss_fn_outputs, None, None)
-
-    # ----------------------------------------------------------------------------------------- sampling
-
-    def sample_json(self, bodies: list[bytes]) -> dict[str, Any]:
-        sequences = []
-        for b in bodies:
-            for seq in deserialize_sample_response(b).sequences:
-                sequences.append({"tokens": list(seq.tokens), "logprobs": list(seq.logprobs or []),
-                                  "stop_reason": str(getattr(seq.stop_reason, "value", seq.stop_reason))})
-        texts = [self.chat().decode(q["tokens"]) for q in sequences]
-        return {"sequences": sequences, "completions": texts, "generated_text": texts[0] if texts else ""}
-
-    def next_sampler_seq(self, session_id: str) -> int:
-        if session_id not in self._sampler_seq:
-            used = [int(x.rsplit(":", 1)[-1]) for x in self.s.store.samplers_of_session(session_id)
-                    if x.rsplit(":", 1)[-1].isdigit()]
-            self._sampler_seq[session_id] = max(used, default=-1) + 1
-        seq = self._sampler_seq[session_id]
-        self._sampler_seq[session_id] = seq + 1
-        return seq
-
-    async def publish(self, tenant: str, model_id: str) -> str:
-        """A sampler holding the run's weights as of now (after every request already submitted): the
-        in-memory handoff, reused while the run has not changed since."""
-        row = self.run(tenant, model_id)
-        cached = self._published.get(model_id)
-        if cached and cached[0] == row["next_seq"] and self.s.store.get_sampler(cached[1]):
-            return cached[1]
-        seq = self.next_sampler_seq(row["session_id"])
-        runs = self.s.runs
-        rid = runs.submit(tenant, model_id, row["next_seq"], "save_weights_for_sampler",
-                          lambda: runs.ephemeral_sampler_op(tenant, model_id, seq))
-        sampler_id = f"{row['session_id']}:sample:{seq}"
-        if self.s.store.get_sampler(sampler_id) is None:
-            # Not started at once (a request ahead of it is still waiting): wait for it to report.
-            await self.result(tenant, rid)
-        after = self.s.store.get_run(model_id) or row
-        self._published[model_id] = (after["next_seq"], sampler_id)
-        return sampler_id
-
-    async def submit_samples(self, tenant: str, body: Sample) -> list[str]:
-        """One Tinker-style asample per prompt through the sampler service; request ids in prompt order."""
-        chat = self.chat()
-        if body.prompt is not None:
-            prompts = [body.prompt]
-        elif isinstance(body.prompts, str):
-            prompts = [body.prompts]
-        else:
-            prompts = list(body.prompts or [])
-        if not prompts:
-            raise BadRequest("body.prompts is required: a list of prompt strings (or send prompt.chunks[0].tokens)")
-        field = "prompt" if body.prompt is not None else "prompts"
-        ids = [chat.prompt_tokens(p, f"{field}[{i}]" if field == "prompts" else field, body.chat_template)
-               for i, p in enumerate(prompts)]
-        sp = dict(body.sampling_params)
-        for key, neutral in (("min_p", 0.0), ("repetition_penalty", 1.0), ("presence_penalty", 0.0),
-                             ("frequency_penalty", 0.0)):
-            if sp.get(key) not in (None, neutral):
-                raise BadRequest(f"sampling_params.{key} is not supported by this server's sampler; leave it out "
-                                 "(supported: max_tokens, temperature, top_p, top_k, seed, stop, n)")
-        n = body.num_samples or sp.pop("n", None) or 1
-        sp.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
-        target = await self.sampling_target(tenant, body)
-        s = self.s
-        rids = []
-        for i, toks in enumerate(ids):
-            req = {**target, "num_samples": n, "sampling_params": sp,
-                   "prompt": {"chunks": [{"type": "encoded_text", "tokens": toks}]}}
-
-            def make_job(r: dict[str, Any], i: int = i):
-                try:
-                    return codec.sample_job_from_request(r, s.engine.vocab_size, s.engine.max_context)
-                except codec.WireError as e:
-                    raise BadRequest(f"{field}[{i}]: {e}" if e.field == "prompt" else str(e)) from None
-
-            rids.append(s.samplers.sample(tenant, req, make_job)["request_id"])
-        return rids
-
-    async def sampling_target(self, tenant: str, body: Sample) -> dict[str, Any]:
-        if body.model_path:
-            return {"model_path": body.model_path}
-        ref = body.model_id or body.adapter_id
-        if isinstance(ref, str) and ref.startswith("tinker://"):
-            return {"model_path": ref}
-        if self.is_base(ref):
-            self.check_base(body.base_model)
-            return {"base_model": self.s.model_name}
-        assert ref is not None
-        return {"sampling_session_id": await self.publish(tenant, ref)}
-
-    async def collect(self, tenant: str, rids: list[str]) -> dict[str, Any]:
-        bodies = []
-        for rid in rids:
-            ans = await self.answer(tenant, rid, SYNC_TIMEOUT_SECONDS)
-            if ans is None:
-                raise BadRequest(f"sample {rid} did not finish in {SYNC_TIMEOUT_SECONDS:.0f}s")
-            if ans.failed:
-                _, err = self.present(rid, ans)
-                raise BadRequest(err["error"])
-            bodies.append(ans.body)
-        return self.sample_json(bodies)
-
-
-def compat(request: Request) -> Compat:
-    state = request.app.state
-    if getattr(state, "compat", None) is None:
-        state.compat = Compat(svc(request))
-    return state.compat
-
-
-def fb_json(metrics: dict[str, float], outputs: list[dict[str, Any]], model_id: str | None,
-            loss_tokens: int | None) -> dict[str, Any]:
-    """A forward/backward result as the original clients read it: `loss` is the mean per trained token."""
-    loss_sum = float(metrics.get("loss:sum", 0.0))
-    denom = loss_tokens if loss_tokens else metrics.get("ntokens:sum") or 1.0
-    out: dict[str, Any] = {"loss": loss_sum / denom, "loss_sum": loss_sum, "metrics": dict(metrics),
-                           "loss_fn_outputs": [{k: v.tolist() for k, v in o.items()} for o in outputs]}
-    if model_id is not None:
-        out["model_id"] = model_id
-    if loss_tokens is not None:
-        out["num_loss_tokens"] = loss_tokens
-    return out
-
-
-def handle(rid: str, model_id: str | None) -> dict[str, Any]:
-    return {"request_id": rid, "model_id": model_id}
 
 
 async def body_of(request: Request) -> dict[str, Any]:
@@ -396,7 +105,7 @@ async def _remove_lora(request: Request, tenant: str, c: Compat, body: dict[str,
     rid = s.runs.submit(tenant, model_id, row["next_seq"], "remove_lora", lambda: start)
     # Closed at once: later requests for this id are refused; requests already queued still run first.
     s.sessions.finish(tenant, row["session_id"], REMOVED, "removed with remove_lora")
-    c._published.pop(model_id, None)
+    c.published.pop(model_id, None)
     return rid, model_id
 
 
@@ -493,7 +202,7 @@ async def _load(request: Request, tenant: str, c: Compat, body: dict[str, Any]) 
     runs = c.s.runs
     _, kind, _ = parse_tinker_path(path, "path")
     start = runs.load_weights_op(tenant, model_id, path, req.optimizer and kind == "weights")
-    c._published.pop(model_id, None)
+    c.published.pop(model_id, None)
     return runs.submit(tenant, model_id, row["next_seq"], "load_weights",
                        lambda: _with(start, model_id, "loaded")), model_id
 
@@ -726,3 +435,4 @@ async def register_custom_loss(request: Request) -> JSONResponse:
         "Compute a custom loss on your side instead: the tinker SDK's TrainingClient.forward_backward_custom(data, "
         "loss_fn) runs your function on the per-token logprobs the server returns and sends back only gradients; "
         "or use a built-in loss_fn (" + ", ".join(LOSS_FUNCTIONS) + ").")
+
