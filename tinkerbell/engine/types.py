@@ -5,6 +5,7 @@ The API layer converts `tinker.types` / protobuf into these; the engine never se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -68,6 +69,16 @@ class SampleJob:
     prompt_logprobs_last_n: int | None = None
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
+    # Diffusion LMs only (engine/diffusion.py); None = the server's default. Autoregressive models ignore them.
+    generation_algorithm: str | None = None  # basic (no_cache, simple) | prefix_cache | dual_cache
+    steps: int | None = None  # denoising steps over the whole generation (default: max_tokens)
+    block_length: int | None = None  # tokens per semi-autoregressive block
+    remasking: str | None = None  # low_confidence | random
+    threshold: float | None = None  # parallel decoding: commit every masked token above this confidence
+    factor: float | None = None  # parallel decoding: Fast-dLLM's confidence-count rule
+    cfg_scale: float = 0.0  # classifier-free guidance (0 = off)
+    # Streaming: called on the engine thread as (sample_index, tokens of a block now final, finished).
+    on_block: Callable[[int, list[int], bool], None] | None = None
 
 
 @dataclass

@@ -1,0 +1,556 @@
+"""Generation for masked-diffusion LMs (LLaDA), and `DiffusionSampler`, the engine's sampler for them.
+
+A request's sequence is its prompt followed by `max_tokens` mask tokens, cut into blocks of `block_length`.
+Blocks are unmasked left to right (semi-autoregressive); within a block every step runs the model, proposes a
+token for each masked position and commits some of them:
+
+* fixed schedule (the reference's `get_num_transfer_tokens`): the block's masked count spread evenly over its
+  share of `steps`, the remainder on the first steps; the most confident proposals are committed
+  (`remasking=low_confidence`: the proposal's softmax probability; `random`: uniform scores);
+* `threshold` (Fast-dLLM): commit every proposal above it, and always at least the most confident one;
+* `factor` (Fast-dLLM's dynamic rule): commit the n most confident while the n-th clears 1 - factor / (n + 1).
+
+Temperature draws proposals with Gumbel noise (argmax of logits - T·log(-log u)), which is the reference's
+`exp(logits) / (-log u)^T` in log space. `cfg_scale` > 0 runs an unconditional companion row (the prompt
+masked out) and mixes `un + (s + 1)(cond - un)`.
+
+Algorithms are strategies over one model forward (DESIGN.md), chosen per request:
+* `basic` (aliases `no_cache`, `simple`): every step runs the whole sequence;
+* `prefix_cache`: a block's first step runs the whole sequence and keeps the keys/values before the block;
+  later steps run only the block and what follows it over that cached prefix (approximate: the prefix's keys
+  are not refreshed as the block changes);
+* `dual_cache`: also caches the keys/values after the block; later steps run only the block itself.
+
+`DiffusionSampler` batches heterogeneous requests: every running sequence advances one step per model
+forward, each with its own parameters, position in its own block and algorithm; padding is masked out of
+attention; a sequence leaves the batch as soon as it is done (a stop token in a finished block ends it) and
+waiting requests join at once, each starting at its own first block.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tinkerbell.engine import sampling
+from tinkerbell.engine.models.llada import LLaDAModel
+from tinkerbell.engine.types import EngineUserError, SampledSequence, SampleJob, SampleResult
+
+ALGORITHMS: dict[str, str] = {
+    "basic": "full forward every step (the reference algorithm)",
+    "prefix_cache": "block-wise approximate KV cache of the prefix before the current block",
+    "dual_cache": "block-wise approximate KV cache of the prefix and of the suffix after the current block",
+}
+ALIASES = {"no_cache": "basic", "simple": "basic"}
+REMASKING = ("low_confidence", "random")
+MAX_NUM_SAMPLES = 64
+
+log = logging.getLogger("tinkerbell.diffusion")
+
+
+def canonical_algorithm(name: str) -> str:
+    key = ALIASES.get(name, name)
+    if key not in ALGORITHMS:
+        known = ", ".join([*ALGORITHMS, *ALIASES])
+        raise EngineUserError(f"generation_algorithm: unknown algorithm {name!r}; known: {known}")
+    return key
+
+
+def algorithm_listing(default: str) -> dict[str, Any]:
+    """What `GET /generation/algorithms` answers."""
+    return {"default": default,
+            "algorithms": [{"name": n, "description": d, "aliases": [a for a, t in ALIASES.items() if t == n]}
+                           for n, d in ALGORITHMS.items()],
+            "remasking": list(REMASKING)}
+
+
+def transfer_schedule(masked: int, steps: int) -> list[int]:
+    """How many tokens each of `steps` steps commits to unmask `masked` tokens (the reference's schedule)."""
+    base, rem = divmod(masked, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+def propose(logits: torch.Tensor, temperature: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Each position's proposal: argmax, with Gumbel noise at temperature > 0."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=gen, device=logits.device, dtype=torch.float64)
+    return (logits.double() - temperature * torch.log(-torch.log(u))).argmax(-1)
+
+
+def select_transfer(conf: torch.Tensor, masked: int, k: int | None, threshold: float | None,
+                    factor: float | None) -> torch.Tensor:
+    """Which positions to commit, given confidences (-inf where not masked) and `masked` = their count."""
+    out = torch.zeros_like(conf, dtype=torch.bool)
+    if masked == 0:
+        return out
+    if factor is not None:
+        # Fast-dLLM's dynamic rule, including its edge case: stopping at the last candidate commits all.
+        ranked = conf.sort(descending=True).values[:masked]
+        n = torch.arange(1, masked + 1, device=conf.device, dtype=ranked.dtype)
+        bounds = 1 - factor / (n + 1)
+        bounds[0] = -1.0
+        fails = (ranked < bounds).nonzero()
+        first = int(fails[0]) if len(fails) else masked - 1
+        k = first + 1 if first in (0, masked - 1) else first
+    elif threshold is not None:
+        out = conf >= threshold
+        out[conf.argmax()] = True
+        return out & torch.isfinite(conf)
+    assert k is not None
+    out[conf.topk(min(k, masked)).indices] = True
+    return out
+
+
+@dataclass(frozen=True)
+class DiffusionParams:
+    algorithm: str
+    gen_length: int
+    block_length: int
+    steps_per_block: int
+    temperature: float
+    remasking: str
+    threshold: float | None
+    factor: float | None
+    cfg_scale: float
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.gen_length // self.block_length)
+
+
+@dataclass
+class _Group:
+    """One request: its `num_samples` rows, resolved together."""
+
+    job: SampleJob
+    future: Future
+    params: DiffusionParams
+    stop_ids: frozenset[int]
+    rows: list["_Row"] = field(default_factory=list)
+    arrived: float = field(default_factory=time.monotonic)
+    left: int = 0
+
+
+@dataclass
+class _Row:
+    group: _Group
+    index: int
+    x: torch.Tensor  # [prompt + gen_length] on device; mask ids where not yet committed
+    prompt_len: int
+    gen: torch.Generator | None
+    logprobs: torch.Tensor  # [gen_length] raw logprob of each token when committed
+    block: int = 0
+    step: int = 0
+    masked: int = 0  # masked positions left in the current block
+    schedule: list[int] = field(default_factory=list)
+    kv: torch.Tensor | None = None  # [layers, 2, L, Hkv, hd]: prefix (prefix_cache) or whole sequence (dual)
+    un_kv: torch.Tensor | None = None  # the same for the unconditional (CFG) companion
+    done: bool = False
+    stop_reason: str = "length"
+    length: int = 0  # generated tokens kept (up to and including a stop token)
+
+    @property
+    def params(self) -> DiffusionParams:
+        return self.group.params
+
+    def bounds(self) -> tuple[int, int]:
+        s = self.prompt_len + self.block * self.params.block_length
+        return s, min(s + self.params.block_length, len(self.x))
+
+    def start_block(self) -> None:
+        s, e = self.bounds()
+        self.step, self.masked, self.kv, self.un_kv = 0, e - s, None, None
+        self.schedule = transfer_schedule(e - s, self.params.steps_per_block)
+
+
+@dataclass
+class _Query:
+    """One model row of the batch: what it feeds, its context, where its block's logits sit."""
+
+    row: _Row
+    uncond: bool
+    ids: torch.Tensor
+    start: int  # position of ids[0]
+    ctx: list[tuple[int, int]]  # slices of the cached kv the row attends to
+    block_offset: int  # index of the block's first position within ids
+    refresh: bool  # store this forward's keys/values as the row's cache
+
+
+class DiffusionSampler:
+    """The engine's sampler for diffusion LMs; the interface of `Sampler` (add_request/step/has_work/...).
+    `batch_size` caps the sequences per forward, `max_wait_time` is how long an idle sampler waits for a batch
+    to fill before starting, `max_batch_tokens` bounds the tokens of one forward (memory)."""
+
+    def __init__(self, model: LLaDAModel, device: torch.device, dtype: torch.dtype, eos_token_ids: list[int],
+                 decode: Callable[[list[int]], str], max_context: int, algorithm: str = "basic",
+                 batch_size: int = 16, max_wait_time: float = 0.0, max_batch_tokens: int = 65536,
+                 default_block_length: int = 32):
+        if model.cfg.mask_token_id is None:
+            raise ValueError("diffusion model config has no mask_token_id")
+        self.model, self.cfg = model, model.cfg
+        self.device, self.dtype = torch.device(device), dtype
+        self.mask_id = int(model.cfg.mask_token_id)
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.decode = decode
+        self.max_context = max_context
+        self.algorithm = canonical_algorithm(algorithm)
+        self.batch_size, self.max_wait_time = int(batch_size), float(max_wait_time)
+        self.max_batch_tokens, self.default_block_length = int(max_batch_tokens), int(default_block_length)
+        self._waiting: deque[_Row] = deque()
+        self._running: list[_Row] = []
+        self._groups: dict[int, _Group] = {}
+        self._ids = itertools.count()
+        self._hist: Counter[int] = Counter()
+        self._counters = {"requests_finished": 0, "requests_failed": 0, "tokens_generated": 0, "steps": 0,
+                          "forward_tokens": 0}
+
+    # ------------------------------------------------------------------------------------------- adapters
+
+    def register_adapter(self, key: str, source: Any) -> None:
+        raise EngineUserError("LoRA adapters are not supported for diffusion models (LLaDA)")
+
+    def unregister_adapter(self, key: str) -> bool:
+        return False
+
+    # ------------------------------------------------------------------------------------------- requests
+
+    def resolve_params(self, job: SampleJob) -> DiffusionParams:
+        """The request's generation parameters with the server's defaults filled in; EngineUserError names
+        the first bad field."""
+        algorithm = canonical_algorithm(job.generation_algorithm or self.algorithm)
+        gen = int(job.max_tokens)
+        if gen < 1:
+            raise EngineUserError(f"max_tokens: must be at least 1, got {gen}")
+        block = job.block_length if job.block_length is not None else self.default_block_length
+        if block < 1:
+            raise EngineUserError(f"block_length: must be at least 1, got {block}")
+        block = min(block, gen)  # a block longer than the generation is the whole generation
+        steps = job.steps if job.steps is not None else gen
+        if steps < 1:
+            raise EngineUserError(f"steps: must be at least 1, got {steps}")
+        num_blocks = -(-gen // block)
+        remasking = job.remasking or "low_confidence"
+        if remasking not in REMASKING:
+            raise EngineUserError(f"remasking: must be one of {', '.join(REMASKING)}, got {remasking!r}")
+        if not math.isfinite(job.temperature) or job.temperature < 0:
+            raise EngineUserError(f"temperature: must be a finite number >= 0, got {job.temperature}")
+        if job.threshold is not None and not (math.isfinite(job.threshold) and 0 < job.threshold <= 1):
+            raise EngineUserError(f"threshold: must be in (0, 1], got {job.threshold}")
+        if job.factor is not None and not (math.isfinite(job.factor) and job.factor > 0):
+            raise EngineUserError(f"factor: must be a finite number > 0, got {job.factor}")
+        if job.threshold is not None and job.factor is not None:
+            raise EngineUserError("threshold, factor: two parallel-decoding rules; set at most one")
+        if not math.isfinite(job.cfg_scale) or job.cfg_scale < 0:
+            raise EngineUserError(f"cfg_scale: must be a finite number >= 0, got {job.cfg_scale}")
+        return DiffusionParams(algorithm, gen, block, -(-steps // num_blocks), float(job.temperature), remasking,
+                               job.threshold, job.factor, float(job.cfg_scale))
+
+    def add_request(self, job: SampleJob, fut: Future) -> None:
+        params = self._validate(job)
+        stop_ids = {int(t) for t in job.stop_token_ids} | (set(self.eos_token_ids) if job.stop_at_eos else set())
+        group = _Group(job, fut, params, frozenset(stop_ids), left=job.num_samples)
+        prompt = torch.tensor(job.prompt, dtype=torch.long, device=self.device)
+        for i in range(job.num_samples):
+            x = torch.cat([prompt, torch.full((params.gen_length,), self.mask_id, dtype=torch.long,
+                                              device=self.device)])
+            gen = None
+            if params.temperature > 0 or params.remasking == "random":
+                gen = sampling.make_generator(job.seed, i, self.device)
+            row = _Row(group, i, x, len(job.prompt), gen,
+                       torch.zeros(params.gen_length, dtype=torch.float32, device=self.device))
+            row.start_block()
+            group.rows.append(row)
+            self._waiting.append(row)
+        self._groups[next(self._ids)] = group
+
+    def _validate(self, job: SampleJob) -> DiffusionParams:
+        vocab = self.cfg.vocab_size
+        if not job.prompt:
+            raise EngineUserError("prompt: must contain at least one token")
+        lo, hi = min(job.prompt), max(job.prompt)
+        if lo < 0 or hi >= vocab:
+            raise EngineUserError(f"prompt: token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab})")
+        if self.mask_id in job.prompt:
+            raise EngineUserError(f"prompt: contains the mask token id {self.mask_id}")
+        if not 1 <= job.num_samples <= MAX_NUM_SAMPLES:
+            raise EngineUserError(f"num_samples: must be between 1 and {MAX_NUM_SAMPLES}, got {job.num_samples}")
+        params = self.resolve_params(job)
+        total = len(job.prompt) + job.max_tokens
+        if total > self.max_context:
+            raise EngineUserError(f"max_tokens: prompt length {len(job.prompt)} + max_tokens {job.max_tokens} "
+                                  f"= {total} exceeds the model's context limit of {self.max_context} tokens")
+        if job.adapter_key is not None:
+            raise EngineUserError("adapter_key: LoRA adapters are not supported for diffusion models (LLaDA)")
+        unsupported = {"top_p": job.top_p != 1.0, "top_k": job.top_k not in (-1, 0),
+                       "prompt_logprobs": job.prompt_logprobs or job.topk_prompt_logprobs > 0,
+                       "topk_sample_logprobs": job.topk_sample_logprobs > 0}
+        for name, bad in unsupported.items():
+            if bad:
+                raise EngineUserError(f"{name}: not supported by diffusion generation")
+        if any(not s for s in job.stop_strings):
+            raise EngineUserError("stop_strings: stop strings must not be empty")
+        return params
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    def _admit(self) -> None:
+        if not self._running and self._waiting and len(self._waiting) < self.batch_size:
+            # An idle sampler waits up to max_wait_time for a fuller first batch (the existing server's knob).
+            age = time.monotonic() - self._waiting[0].group.arrived
+            if age < self.max_wait_time:
+                time.sleep(min(self.max_wait_time - age, 0.005))
+                return
+        tokens = sum(_row_cost(r) for r in self._running)
+        while self._waiting and len(self._running) < self.batch_size:
+            cost = _row_cost(self._waiting[0])
+            if self._running and tokens + cost > self.max_batch_tokens:
+                break
+            self._running.append(self._waiting.popleft())
+            tokens += cost
+
+    def step(self) -> None:
+        """One model forward for every running sequence, one denoising step each; retire the finished."""
+        self._reap_cancelled()
+        self._admit()
+        if not self._running:
+            return
+        rows = list(self._running)
+        queries = [q for r in rows for q in self._queries(r)]
+        with torch.inference_mode():
+            logits = self._forward(queries)
+            at = 0
+            for row in rows:
+                bl = row.bounds()[1] - row.bounds()[0]
+                cond = logits[at:at + bl]
+                at += bl
+                if row.params.cfg_scale > 0:
+                    un = logits[at:at + bl]
+                    at += bl
+                    cond = un + (row.params.cfg_scale + 1) * (cond - un)
+                self._denoise(row, cond)
+        self._counters["steps"] += 1
+        self._hist[len(rows)] += 1
+        self._running = [r for r in self._running if not r.done]
+        for row in rows:
+            if row.done:
+                self._row_done(row)
+
+    def _queries(self, row: _Row) -> list[_Query]:
+        s, e = row.bounds()
+        algo = row.params.algorithm
+        out = []
+        for uncond in (False, True) if row.params.cfg_scale > 0 else (False,):
+            x = row.x
+            if uncond:
+                x = x.clone()
+                x[:row.prompt_len] = self.mask_id
+            kv = row.un_kv if uncond else row.kv
+            if algo == "basic" or kv is None:
+                out.append(_Query(row, uncond, x, 0, [], s, refresh=algo != "basic"))
+            elif algo == "prefix_cache":
+                out.append(_Query(row, uncond, x[s:], s, [(0, s)], 0, refresh=False))
+            else:
+                out.append(_Query(row, uncond, x[s:e], s, [(0, s), (e, len(x))], 0, refresh=False))
+        return out
+
+    def _forward(self, queries: list[_Query]) -> torch.Tensor:
+        """One padded forward over all queries; returns the logits of each query's block rows, in order."""
+        cfg, dev = self.cfg, self.device
+        b = len(queries)
+        width = max(len(q.ids) for q in queries)
+        ctx_lens = [sum(hi - lo for lo, hi in q.ctx) for q in queries]
+        cw = max(ctx_lens)
+        ids = torch.full((b, width), self.mask_id, dtype=torch.long, device=dev)
+        pos = torch.zeros((b, width), dtype=torch.long, device=dev)
+        key_mask = torch.zeros((b, cw + width), dtype=torch.bool, device=dev)
+        past = None
+        if cw:
+            past = torch.zeros(cfg.num_layers, 2, b, cw, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype,
+                               device=dev)
+        rows_index = []
+        for i, q in enumerate(queries):
+            n = len(q.ids)
+            ids[i, :n] = q.ids
+            pos[i, :n] = torch.arange(q.start, q.start + n, device=dev)
+            key_mask[i, cw:cw + n] = True
+            key_mask[i, :ctx_lens[i]] = True
+            if q.ctx:
+                kv = q.row.un_kv if q.uncond else q.row.kv
+                assert kv is not None and past is not None
+                at = 0
+                for lo, hi in q.ctx:
+                    past[:, :, i, at:at + hi - lo] = kv[:, :, lo:hi]
+                    at += hi - lo
+            s, e = q.row.bounds()
+            rows_index += range(i * width + q.block_offset, i * width + q.block_offset + e - s)
+        want_kv = any(q.refresh for q in queries)
+        index = torch.tensor(rows_index, dtype=torch.long, device=dev)
+        logits, kv = self.model(ids, pos, key_mask, past=past, logits_rows=index, want_kv=want_kv)
+        self._counters["forward_tokens"] += sum(len(q.ids) for q in queries)
+        for i, q in enumerate(queries):
+            if q.refresh:
+                assert kv is not None
+                s, _ = q.row.bounds()
+                # prefix_cache keeps what precedes the block; dual_cache keeps every position.
+                keep = s if q.row.params.algorithm == "prefix_cache" else len(q.ids)
+                cache = kv[:, :, i, :keep].clone()
+                if q.uncond:
+                    q.row.un_kv = cache
+                else:
+                    q.row.kv = cache
+        return logits
+
+    def _denoise(self, row: _Row, logits: torch.Tensor) -> None:
+        p = row.params
+        s, e = row.bounds()
+        block = row.x[s:e]
+        mask = block == self.mask_id
+        x0 = propose(logits, p.temperature, row.gen)
+        logp = logits.log_softmax(-1).gather(-1, x0[:, None]).squeeze(-1)
+        if p.remasking == "low_confidence":
+            score = logits.softmax(-1).gather(-1, x0[:, None]).squeeze(-1)  # as the reference ranks them
+        else:
+            score = torch.rand(block.shape, generator=row.gen, device=block.device, dtype=torch.float64)
+        conf = torch.where(mask, score.to(torch.float64), float("-inf"))
+        k = row.schedule[row.step] if row.step < len(row.schedule) else 1
+        transfer = select_transfer(conf, row.masked, k, p.threshold, p.factor)
+        block[transfer] = x0[transfer]
+        g0 = s - row.prompt_len
+        row.logprobs[g0:g0 + (e - s)] = torch.where(transfer, logp, row.logprobs[g0:g0 + (e - s)])
+        row.masked -= k if p.threshold is None and p.factor is None else int(transfer.sum())
+        row.step += 1
+        if row.masked <= 0:
+            self._finish_block(row)
+
+    def _finish_block(self, row: _Row) -> None:
+        p, group = row.params, row.group
+        s, e = row.bounds()
+        tokens = row.x[s:e].tolist()
+        g0 = s - row.prompt_len
+        row.length = g0 + len(tokens)
+        stop_at = next((i for i, t in enumerate(tokens) if t in group.stop_ids), None)
+        if stop_at is not None:
+            row.length, row.done, row.stop_reason = g0 + stop_at + 1, True, "stop"
+            tokens = tokens[:stop_at + 1]
+        if group.job.stop_strings:
+            cut = self._stop_string_cut(row, g0)
+            if cut is not None:
+                tokens = tokens[:max(0, cut - g0)]
+                row.length, row.done, row.stop_reason = cut, True, "stop"
+        if row.block + 1 >= p.num_blocks:
+            row.done = True
+        self._counters["tokens_generated"] += len(tokens)
+        if group.job.on_block is not None:
+            try:
+                group.job.on_block(row.index, tokens, row.done)
+            except Exception:  # noqa: BLE001 - a broken stream consumer must not stop the batch
+                log.exception("on_block callback failed")
+        if not row.done:
+            row.block += 1
+            row.start_block()
+
+    def _stop_string_cut(self, row: _Row, g0: int) -> int | None:
+        """The shortest generated length (>= g0) whose text contains a stop string, if any."""
+        gen = row.x[row.prompt_len:row.prompt_len + row.length].tolist()
+        if not any(s in self.decode(gen) for s in row.group.job.stop_strings):
+            return None
+        for n in range(max(1, g0), len(gen) + 1):
+            if any(s in self.decode(gen[:n]) for s in row.group.job.stop_strings):
+                return n
+        return len(gen)
+
+    # ------------------------------------------------------------------------------------------- results
+
+    def _row_done(self, row: _Row) -> None:
+        group = row.group
+        group.left -= 1
+        if group.left > 0:
+            return
+        self._forget(group)
+        self._counters["requests_finished"] += 1
+        seqs = []
+        for r in group.rows:
+            toks = r.x[r.prompt_len:r.prompt_len + r.length].tolist()
+            seqs.append(SampledSequence(tokens=toks, logprobs=r.logprobs[:r.length].tolist(),
+                                        stop_reason="stop" if r.stop_reason == "stop" else "length"))
+        _resolve(group.future, result=SampleResult(sequences=seqs))
+
+    def _forget(self, group: _Group) -> None:
+        for key in [k for k, g in self._groups.items() if g is group]:
+            del self._groups[key]
+
+    def _reap_cancelled(self) -> None:
+        dead = {id(g) for g in self._groups.values() if g.future.cancelled()}
+        if not dead:
+            return
+        self._running = [r for r in self._running if id(r.group) not in dead]
+        self._waiting = deque(r for r in self._waiting if id(r.group) not in dead)
+        for g in [g for g in self._groups.values() if id(g) in dead]:
+            self._forget(g)
+
+    def fail_all(self, exc: BaseException) -> None:
+        groups = list(self._groups.values())
+        self._groups.clear()
+        self._running, self._waiting = [], deque()
+        for g in groups:
+            self._counters["requests_failed"] += 1
+            _resolve(g.future, exc=exc)
+
+    def stats(self) -> dict[str, Any]:
+        c = self._counters
+        batches = sum(self._hist.values())
+        return {
+            "algorithm": self.algorithm,
+            "max_batch_size": self.batch_size,
+            "max_wait_time": self.max_wait_time,
+            "running_seqs": len(self._running),
+            "waiting_seqs": len(self._waiting),
+            "pending_requests": len(self._groups),
+            "batches_run": batches,
+            "mean_batch_size": (sum(k * v for k, v in self._hist.items()) / batches) if batches else 0.0,
+            "batch_size_histogram": {str(k): v for k, v in sorted(self._hist.items())},
+            **c,
+        }
+
+
+def _row_cost(row: _Row) -> int:
+    return len(row.x) * (2 if row.params.cfg_scale > 0 else 1)
+
+
+def _resolve(fut: Future, result: SampleResult | None = None, exc: BaseException | None = None) -> None:
+    if fut.done():
+        return
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+class RefusedTrainer:
+    """Stands in for the trainer when the served model is a diffusion LM: every training call fails with a
+    user error (LoRA training for LLaDA is not implemented), while stats keep their shape."""
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise EngineUserError("training is not supported for diffusion models (LLaDA); this server samples only")
+
+        return refuse
+
+    def stats(self) -> dict[str, Any]:
+        return {"adapters": 0, "training": "not supported for diffusion models"}
