@@ -255,3 +255,7 @@ def test_stream_disconnect_cancels_the_engine_request(env):
         time.sleep(0.05)
     assert sampler.stats()["running_requests"] == 0
     assert sampler.stats()["tokens_generated"] - before < 1500
+    samplers = env.app.state.services.samplers
+    while samplers.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert samplers.in_flight == 0  # /stats counts this face's requests, and the cancelled one settled

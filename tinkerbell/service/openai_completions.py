@@ -202,8 +202,18 @@ class CompletionService:
         for job in jobs:
             self.samplers.samples_requested += job.num_samples
             self.samplers.in_flight += 1
-            futures.append(self.engine.sample(job))
+            fut = self.engine.sample(job)
+            # Counted when the job settles, however it ends (done, failed, cancelled, or never awaited because
+            # the client left before its stream started): the callback hops back onto the event loop.
+            fut.add_done_callback(lambda f, loop=asyncio.get_running_loop(): loop.call_soon_threadsafe(
+                self._settled, f))
+            futures.append(fut)
         return Submitted(prompts, opts, futures, discard)
+
+    def _settled(self, fut: Future) -> None:
+        self.samplers.in_flight -= 1
+        if not fut.cancelled() and fut.exception() is None:
+            self.samplers.tokens_sampled += sum(len(s.tokens) for s in fut.result().sequences)
 
     async def results(self, sub: Submitted) -> Completion:
         """Wait for every job (cancelling the rest if this wait is cancelled) and build the choices."""
@@ -221,10 +231,6 @@ class CompletionService:
         except BaseException:
             sub.cancel()
             raise
-        finally:
-            # The Tinker face's counters (/stats, /metrics) count this face's samples too.
-            self.samplers.in_flight -= len(sub.futures)
-        self.samplers.tokens_sampled += sum(len(s.tokens) for r in results for s in r.sequences)
         return self.build(sub, results)
 
     # ------------------------------------------------------------------------------------------- outputs
