@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from tinkerbell.engine.diffusion import DiffusionSampler, RefusedTrainer
 from tinkerbell.engine.lora import LoraSpec
 from tinkerbell.engine.models.config import ModelConfig
 from tinkerbell.engine.models.loader import load_model, load_tokenizer, read_config, resolve_model_path
@@ -54,6 +55,11 @@ class EngineConfig:
     kv_block_size: int = 16
     max_context: int | None = None  # default: the model's max_position_embeddings, capped at 8192
     allow_download: bool = False
+    # Diffusion LMs (LLaDA): default algorithm, sequences per forward, wait for a batch to fill (seconds).
+    algorithm: str = "basic"
+    batch_size: int = 16
+    max_wait_time: float = 0.0
+    dcp_path: str | None = None  # weights from a torch.distributed.checkpoint folder onto --model's architecture
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -74,13 +80,20 @@ class Engine:
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
         t0 = time.perf_counter()
-        self.model = load_model(self.path, self.dtype, self.device)
+        if config.dcp_path:
+            from tinkerbell.engine.models.dcp import load_model_from_dcp
+
+            self.model = load_model_from_dcp(self.path, Path(config.dcp_path), self.dtype, self.device)
+        else:
+            self.model = load_model(self.path, self.dtype, self.device)
         self.tokenizer = load_tokenizer(self.path)
         self.max_context = config.max_context or min(self.model_config.max_position_embeddings, 8192)
         log.info("loaded %s (%s, %s, %s) in %.1fs", config.model, self.model_config.arch, self.dtype,
                  self.device, time.perf_counter() - t0)
-        self.trainer = Trainer(self.model, device=self.device)
-        self.sampler = Sampler(
+        diffusion = self.model_config.is_diffusion
+        # Diffusion LMs sample only: the trainer refuses with a user error, the sampler is the diffusion one.
+        self.trainer = RefusedTrainer() if diffusion else Trainer(self.model, device=self.device)
+        self.sampler = self._diffusion_sampler() if diffusion else Sampler(
             self.model,
             device=self.device,
             dtype=self.dtype,
@@ -98,6 +111,13 @@ class Engine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tinkerbell-engine", daemon=True)
         self._thread.start()
+
+    def _diffusion_sampler(self) -> DiffusionSampler:
+        cfg = self.config
+        return DiffusionSampler(self.model, device=self.device, dtype=self.dtype, eos_token_ids=self.eos_token_ids(),
+                                decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
+                                max_context=self.max_context, algorithm=cfg.algorithm, batch_size=cfg.batch_size,
+                                max_wait_time=cfg.max_wait_time)
 
     # ------------------------------------------------------------------------------------------- metadata
 

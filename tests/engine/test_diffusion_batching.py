@@ -1,0 +1,144 @@
+"""DiffusionSampler batching: heterogeneous requests share forwards yet each gets exactly the tokens it gets
+alone; rows end independently, new requests join mid-flight, stop tokens end a row, blocks stream; and the
+engine serves LLaDA through it (training refused with a user error)."""
+
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from tinkerbell.engine.diffusion import DiffusionSampler
+from tinkerbell.engine.models.loader import load_model
+from tinkerbell.engine.types import EngineUserError, SampleJob
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llada_dir):
+    return load_model(tiny_llada_dir, torch.float32, "cpu")
+
+
+def make_sampler(model, **kw):
+    return DiffusionSampler(model, torch.device("cpu"), torch.float32, eos_token_ids=[], decode=lambda ids: "",
+                            max_context=512, **kw)
+
+
+def submit(sampler, job):
+    fut = Future()
+    sampler.add_request(job, fut)
+    return fut
+
+
+def drain(sampler):
+    while sampler.has_work():
+        sampler.step()
+
+
+JOBS = [
+    SampleJob(prompt=[10, 11, 12], max_tokens=8, temperature=0.0, steps=8, block_length=4),
+    SampleJob(prompt=[40, 41, 42, 43, 44, 45, 46], max_tokens=12, temperature=0.0, steps=6, block_length=4,
+              generation_algorithm="prefix_cache"),
+    SampleJob(prompt=[99] * 11, max_tokens=6, temperature=0.0, steps=6, block_length=6, cfg_scale=2.0,
+              generation_algorithm="dual_cache"),
+    SampleJob(prompt=[7, 8], max_tokens=10, temperature=0.0, block_length=5, threshold=0.05),
+    SampleJob(prompt=[60, 61, 62, 63], max_tokens=9, temperature=0.8, seed=123, steps=9, block_length=3,
+              num_samples=2, remasking="random"),
+]
+
+
+def test_heterogeneous_batch_equals_each_request_alone(model):
+    alone = []
+    for job in JOBS:
+        s = make_sampler(model)
+        fut = submit(s, job)
+        drain(s)
+        alone.append([q.tokens for q in fut.result().sequences])
+    batched = make_sampler(model, batch_size=16)
+    futs = [submit(batched, job) for job in JOBS]
+    drain(batched)
+    assert [[q.tokens for q in f.result().sequences] for f in futs] == alone
+    stats = batched.stats()
+    assert stats["batches_run"] > 0 and stats["mean_batch_size"] > 2 and stats["pending_requests"] == 0
+    assert max(int(k) for k in stats["batch_size_histogram"]) == 6  # 4 requests + 2 samples of the 5th
+    # Seeded sampling: same seed, same tokens; the two samples of one request differ.
+    assert alone[4][0] != alone[4][1]
+
+
+def test_rows_end_independently_and_new_requests_join(model):
+    s = make_sampler(model, batch_size=2)
+    short = submit(s, JOBS[0])
+    long = submit(s, SampleJob(prompt=[20, 21], max_tokens=16, temperature=0.0, steps=16, block_length=4))
+    late, done_at = None, {}
+    for i in range(40):
+        if not s.has_work():
+            break
+        s.step()
+        if i == 3:
+            late = submit(s, JOBS[3])  # waits for a free row (batch_size 2), then joins while `long` runs
+        for name, f in (("short", short), ("long", long), ("late", late)):
+            if f is not None and f.done():
+                done_at.setdefault(name, i)
+    assert done_at["short"] == 7 < done_at["late"] and done_at["short"] < done_at["long"] == 15
+    solo = make_sampler(model)
+    again = submit(solo, JOBS[3])
+    drain(solo)
+    assert late.result().sequences[0].tokens == again.result().sequences[0].tokens
+    assert s.stats()["batch_size_histogram"].get("2", 0) > 0
+
+
+def test_stop_token_ends_a_row_and_blocks_stream(model):
+    base = dict(prompt=[30, 31, 32], max_tokens=12, temperature=0.0, steps=12, block_length=4)
+    s = make_sampler(model)
+    full = submit(s, SampleJob(**base))
+    drain(s)
+    tokens = full.result().sequences[0].tokens
+    stop = tokens[5]
+    cut = tokens.index(stop)
+    streamed = []
+    job = SampleJob(**base, stop_token_ids=[stop], on_block=lambda i, toks, fin: streamed.append((i, toks, fin)))
+    fut = submit(s, job)
+    drain(s)
+    seq = fut.result().sequences[0]
+    assert seq.tokens == tokens[:cut + 1] and seq.stop_reason == "stop" and len(seq.logprobs) == cut + 1
+    assert [t for _, toks, _ in streamed for t in toks] == seq.tokens
+    assert streamed[-1][2] and not any(fin for _, _, fin in streamed[:-1])
+    assert len(streamed) == cut // 4 + 1  # one callback per finished block, none after the stop
+
+
+def test_max_tokens_not_a_multiple_of_block_length(model):
+    s = make_sampler(model)
+    fut = submit(s, SampleJob(prompt=[10, 20], max_tokens=7, temperature=0.0, steps=5, block_length=3))
+    drain(s)
+    seq = fut.result().sequences[0]
+    assert len(seq.tokens) == 7 and model.cfg.mask_token_id not in seq.tokens
+
+
+def test_cancelled_request_leaves_and_fail_all_resolves(model):
+    s = make_sampler(model)
+    a = submit(s, JOBS[0])
+    b = submit(s, JOBS[1])
+    s.step()
+    a.cancel()
+    drain(s)
+    assert b.result().sequences[0].tokens
+    c = submit(s, JOBS[0])
+    s.fail_all(RuntimeError("boom"))
+    assert not s.has_work() and isinstance(c.exception(), RuntimeError)
+
+
+def test_engine_serves_llada_and_refuses_training(tiny_llada_dir):
+    from tinkerbell.engine.engine import Engine, EngineConfig
+    from tinkerbell.engine.lora import LoraSpec
+
+    engine = Engine(EngineConfig(model=str(tiny_llada_dir), device="cpu", algorithm="dual_cache", batch_size=4))
+    try:
+        res = engine.sample(SampleJob(prompt=[10, 11, 12], max_tokens=8, temperature=0.0, steps=4,
+                                      block_length=4)).result(timeout=60)
+        assert len(res.sequences[0].tokens) <= 8
+        with pytest.raises(EngineUserError, match="unknown algorithm"):
+            engine.sample(SampleJob(prompt=[10], max_tokens=4, generation_algorithm="warp")).result(timeout=60)
+        with pytest.raises(EngineUserError, match="training is not supported"):
+            engine.create_adapter("run", LoraSpec(rank=4), seed=0).result(timeout=60)
+        stats = engine.stats()["sampler"]
+        assert stats["algorithm"] == "dual_cache" and stats["max_batch_size"] == 4
+    finally:
+        engine.shutdown()
