@@ -32,7 +32,6 @@ log = logging.getLogger("tinkerbell")
 
 # Subcommands the design reserves but this build does not ship yet.
 NOT_YET = {
-    "router": "spread requests over replicas (started by `serve --dp N`)",
     "bench": "run the sampling / training / concurrency benchmarks",
 }
 
@@ -56,12 +55,19 @@ SERVE_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--no-auth",), "no_auth", {"action": "store_true", "default": None},
      "Accept requests without an API key (local single-user use)."),
     (("--tp",), "tp", {"type": int, "metavar": "T"}, "Tensor-parallel GPUs per replica (this build runs 1)."),
-    (("--dp",), "dp", {"type": int, "metavar": "D"}, "Data-parallel replicas behind the router (this build runs 1)."),
+    (("--dp",), "dp", {"type": int, "metavar": "D"},
+     "Data-parallel replicas: D > 1 starts D replica processes on 127.0.0.1, ports PORT+1..PORT+D (each on its "
+     "own GPU group when there are GPUs), sharing --data-dir, and the router on --port (docs/router.md)."),
+    (("--health-check-interval",), "health_check_interval", {"type": float, "metavar": "SECONDS"},
+     "With --dp > 1: seconds between the router's health checks of each replica."),
     (("--gpu-memory-util",), "gpu_memory_util", {"type": float, "metavar": "F"},
      "Fraction of GPU memory the sampler's KV cache may take; the rest serves training."),
     (("--max-loras",), "max_loras", {"type": int, "metavar": "N"},
      "Adapters resident at once (LoRA slots)."),
     (("--max-lora-rank",), "max_lora_rank", {"type": int, "metavar": "R"}, "Largest LoRA rank accepted."),
+    (("--max-queued-requests",), "max_queued_requests", {"type": int, "metavar": "N"},
+     "Sampling requests (Tinker asample and OpenAI) admitted but not yet finished; a request beyond this gets "
+     "429 with Retry-After (the tinker SDK backs off and resubmits). 0 means no limit."),
 ]
 
 
@@ -106,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     lst = keys_sub.add_parser("list", help="list stored keys (never the secrets)")
     lst.add_argument("--data-dir", type=Path, metavar="DIR", help=data_dir_help)
 
+    from tinkerbell.router.cli import add_parser as add_router_parser
+
+    add_router_parser(sub)
+
     for name, what in NOT_YET.items():
         sub.add_parser(name, help=f"{what} (not available in this build yet)",
                        description=f"{what}. Not available in this build yet.")
@@ -142,6 +152,16 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return _fail("serve", str(e))
     resolve_default_model(config, log)
+    from tinkerbell.router import ports, supervisor
+
+    try:
+        if config.dp > 1:
+            return supervisor.serve_dp(config)
+        if ports.in_use(config.host, config.port):
+            raise ConfigError(ports.busy_message(config.host, config.port, "choose another with --port (or "
+                                                 "TINKERBELL_PORT)"))
+    except ConfigError as e:
+        return _fail("serve", str(e))
     app = _lazy_import("tinkerbell.api.app")  # FastAPI, torch and the engine: only once the config is good
     if app is None:
         return _fail("serve", "the API server (tinkerbell.api.app) is not part of this build", code=1)
@@ -188,6 +208,16 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router(args: argparse.Namespace) -> int:
+    from tinkerbell.router.cli import main as router_main
+
+    try:
+        router_main(args)
+    except ConfigError as e:
+        return _fail("router", str(e))
+    return 0
+
+
 def _fail(command: str, message: str, code: int = 2) -> int:
     print(f"tinkerbell {command}: error: {message}", file=sys.stderr)
     return code
@@ -208,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "keys":
         return _keys(args)
+    if args.command == "router":
+        return _router(args)
     return _fail(args.command, "not available in this build yet")
 
 

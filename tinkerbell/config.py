@@ -24,9 +24,11 @@ ENV_ALIASES: dict[str, tuple[str, ...]] = {
     "no_auth": ("TINKERBELL_NO_AUTH",),
     "tp": ("TINKERBELL_TP", "VLLM_TENSOR_PARALLEL_SIZE"),
     "dp": ("TINKERBELL_DP",),
+    "health_check_interval": ("TINKERBELL_HEALTH_CHECK_INTERVAL",),
     "gpu_memory_util": ("TINKERBELL_GPU_MEMORY_UTIL", "VLLM_GPU_MEMORY_UTIL"),
     "max_loras": ("TINKERBELL_MAX_LORAS", "MAX_LORAS", "VLLM_MAX_LORAS"),
     "max_lora_rank": ("TINKERBELL_MAX_LORA_RANK", "MAX_LORA_RANK", "VLLM_MAX_LORA_RANK"),
+    "max_queued_requests": ("TINKERBELL_MAX_QUEUED_REQUESTS",),
 }
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -48,9 +50,12 @@ class ServeConfig:
     no_auth: bool = False
     tp: int = 1
     dp: int = 1
+    health_check_interval: float = 10.0  # seconds; the router's, with dp > 1
     gpu_memory_util: float = 0.4
     max_loras: int = 8
     max_lora_rank: int = 64
+    # Sampling requests admitted but not finished; beyond it a new one gets 429 + Retry-After (0: no limit).
+    max_queued_requests: int = 4096
     # Not on the command line: knobs tests and embedders set directly.
     long_poll_seconds: float = 25.0
     allow_download: bool = True
@@ -68,14 +73,18 @@ class ServeConfig:
             raise ConfigError(f"--port must be in 1..65535 (got {self.port})")
         if self.tp < 1 or self.dp < 1:
             raise ConfigError(f"--tp and --dp must be >= 1 (got tp={self.tp}, dp={self.dp})")
-        if self.tp != 1 or self.dp != 1:
-            raise ConfigError("--tp > 1 and --dp > 1 are not available in this build yet; use --tp 1 --dp 1")
+        if self.tp != 1:
+            raise ConfigError("--tp > 1 is not available in this build yet; use --tp 1 (--dp N runs N replicas)")
+        if not self.health_check_interval > 0:
+            raise ConfigError(f"--health-check-interval must be > 0 seconds (got {self.health_check_interval})")
         if not 0 < self.gpu_memory_util <= 1:
             raise ConfigError(f"--gpu-memory-util must be in (0, 1] (got {self.gpu_memory_util})")
         if self.max_loras < 1:
             raise ConfigError(f"--max-loras must be >= 1 (got {self.max_loras})")
         if self.max_lora_rank < 1:
             raise ConfigError(f"--max-lora-rank must be >= 1 (got {self.max_lora_rank})")
+        if self.max_queued_requests < 0:
+            raise ConfigError(f"--max-queued-requests must be >= 0 (got {self.max_queued_requests})")
         for k in self.api_keys:
             if not k.startswith("tml-"):
                 raise ConfigError(f"API keys must start with 'tml-' (the tinker SDK refuses others): {k[:8]}...")
@@ -102,7 +111,9 @@ def _parse_bool(name: str, v: str) -> bool:
 def from_env(environ: dict[str, str] | None = None) -> dict[str, object]:
     """Values the environment sets, converted to the dataclass' types (flag name -> value)."""
     out: dict[str, object] = {}
-    conv = {"port": int, "tp": int, "dp": int, "max_loras": int, "max_lora_rank": int, "gpu_memory_util": float}
+    conv = {"port": int, "tp": int, "dp": int, "max_loras": int, "max_lora_rank": int, "gpu_memory_util": float,
+            "max_queued_requests": int}
+    conv["health_check_interval"] = float
     for flag, names in ENV_ALIASES.items():
         v = env_value(flag, environ)
         if v is None:

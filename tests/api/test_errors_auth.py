@@ -67,7 +67,7 @@ def test_unsupported_endpoints_say_so(wire):
 
 def test_bootstrap_answers(wire):
     assert wire.post("client/config", {"sdk_version": "0.38.0"}).json()["pjwt_auth_enabled"] is False
-    assert wire.post("client/dynamic_config", {}).json() == {}
+    assert wire.post("client/dynamic_config", {}).json() == {"sample_cancel_enabled": True}
     assert wire.post("telemetry", {"events": []}).json() == {"status": "accepted"}
     assert wire.get("healthz").json() == {"status": "ok"}
     caps = wire.get("get_server_capabilities").json()["supported_models"]

@@ -76,6 +76,7 @@ def build_services(config: ServeConfig, engine: "Engine") -> Services:
     samplers = SamplerManager(store, futures, sessions, checkpoints, engine, config.model_name,
                               codec.encode_sample_response)
     runs.samplers = samplers
+    samplers.max_queued = config.max_queued_requests
     arch = getattr(getattr(engine, "model_config", None), "arch", None) or "llama"
     return Services(config=config, engine=engine, store=store, auth=auth, futures=futures, sessions=sessions,
                     checkpoints=checkpoints, runs=runs, samplers=samplers, model_name=config.model_name, arch=arch)
@@ -110,6 +111,17 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None) -> FastAPI:
     return app
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
+
+
 def serve(config: ServeConfig) -> None:
     import uvicorn
 
@@ -125,6 +137,9 @@ def serve(config: ServeConfig) -> None:
              config.port, host, config.port)
     if config.no_auth:
         log.info("auth is off (--no-auth): any key starting with tml- works, e.g. TINKER_API_KEY=tml-local")
+        if not is_loopback(config.host):
+            log.warning("--no-auth while listening on %s: anyone who can reach this address can train, sample and "
+                        "delete checkpoints; bind to 127.0.0.1 or drop --no-auth", config.host)
     elif services.auth.first_key_path is not None:
         log.info("the first API key is in %s (export TINKER_API_KEY=$(cat %s))", services.auth.first_key_path,
                  services.auth.first_key_path)

@@ -514,7 +514,7 @@ def sample_job_from_request(req: dict, vocab_size: int, max_context: int) -> Sam
         temperature=_float(sp, "temperature", "sampling_params.temperature", 1.0),
         top_p=_float(sp, "top_p", "sampling_params.top_p", 1.0),
         top_k=_int(sp, "top_k", "sampling_params.top_k", -1, -1),
-        seed=_int(sp, "seed", "sampling_params.seed", None, 0),
+        seed=_int(sp, "seed", "sampling_params.seed", None, 0, 2**63 - 1),
         prompt_logprobs=_bool(req, "prompt_logprobs", "prompt_logprobs"),
         topk_prompt_logprobs=_int(req, "topk_prompt_logprobs", "topk_prompt_logprobs", 0, 0, MAX_TOPK_LOGPROBS),
         topk_sample_logprobs=_int(req, "topk_sample_logprobs", "topk_sample_logprobs", 0, 0, MAX_TOPK_LOGPROBS),

@@ -15,11 +15,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinkerbell.api.schemas import format_errors
-from tinkerbell.service.errors import ServiceError
+from tinkerbell.service.errors import Overloaded, ServiceError
 
 log = logging.getLogger("tinkerbell.api")
 
-STATUS = {"bad_request": 400, "unauthorized": 401, "not_found": 404, "gone": 410, "too_large": 413}
+STATUS = {"bad_request": 400, "unauthorized": 401, "not_found": 404, "gone": 410, "too_large": 413, "overloaded": 429}
 
 
 def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -30,6 +30,8 @@ def error_response(status: int, detail: str, headers: dict[str, str] | None = No
 def install(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        if isinstance(exc, Overloaded):  # the one transient kind: let the SDK back off and retry
+            return error_response(429, exc.detail, {"Retry-After": str(exc.retry_after)})
         headers = {"x-should-retry": "false"}
         if exc.kind == "unauthorized":
             headers["WWW-Authenticate"] = 'Bearer realm="tinkerbell"'

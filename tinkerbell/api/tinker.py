@@ -66,10 +66,14 @@ async def read_body(request: Request, limit: int = MAX_JSON_BYTES) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise TooLarge(f"body of {declared} bytes exceeds this endpoint's limit of {limit} bytes")
-    body = await request.body()
-    if len(body) > limit:
-        raise TooLarge(f"body of {len(body)} bytes exceeds this endpoint's limit of {limit} bytes")
-    return body
+    # Read chunk by chunk: a chunked upload has no Content-Length, and must not be buffered whole before it is
+    # found too large.
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"body of more than {limit} bytes exceeds this endpoint's limit of {limit} bytes")
+    return bytes(body)
 
 
 async def json_body(request: Request) -> dict[str, Any]:
@@ -101,7 +105,8 @@ async def client_config(request: Request) -> dict[str, Any]:
 @router.post("/client/dynamic_config")
 async def dynamic_config(request: Request) -> dict[str, Any]:
     tenant_of(request)
-    return {}
+    # An abandoned sampling future (client timeout or cancel) then sends cancel_future, freeing its KV blocks.
+    return {"sample_cancel_enabled": True}
 
 
 @router.post("/telemetry")
@@ -157,7 +162,7 @@ async def finish_session(session_id: str, request: Request) -> dict[str, Any]:
 @router.get("/sessions")
 async def list_sessions(request: Request, limit: int = 20, offset: int = 0) -> dict[str, Any]:
     tenant = tenant_of(request)
-    return {"sessions": svc(request).sessions.list(tenant, max(1, min(limit, 1000)), max(0, offset))}
+    return {"sessions": svc(request).sessions.list(tenant, max(1, min(limit, 1000)), _offset(offset))}
 
 
 @router.get("/sessions/{session_id}")
@@ -394,6 +399,22 @@ async def retrieve_future(request: Request) -> Response:
     return Response(content=answer.body, media_type=answer.content_type)
 
 
+@router.post("/cancel_future")
+async def cancel_future(request: Request) -> dict[str, Any]:
+    """Stop an unfinished sample (the SDK sends this for futures it abandons): its engine work and KV blocks are
+    freed and its future fails with a reason. Training requests run in seq_id order and are not cancelled."""
+    tenant = tenant_of(request)
+    body = await json_body(request)
+    rid = body.get("request_id")
+    if not isinstance(rid, str) or not rid:
+        raise BadRequest("body.request_id is required (the request_id of a submitted request)")
+    s = svc(request)
+    row = s.store.get_future(rid)
+    if row is None or row["tenant"] != tenant:
+        raise NotFound(f"request_id {rid!r} is unknown to this server (or belongs to another API key)")
+    return {"cancelled": s.samplers.cancel(tenant, rid)}
+
+
 # --------------------------------------------------------------------------------------------- runs & checkpoints
 
 
@@ -401,9 +422,14 @@ def _limit(limit: int, default: int) -> int:
     return max(1, min(limit if limit > 0 else default, 1000))
 
 
+def _offset(offset: int) -> int:
+    # Clamped below SQLite's INTEGER range: an offset of 10**30 is an empty page, not an overflow (a 500).
+    return max(0, min(offset, 2**62))
+
+
 @router.get("/training_runs")
 async def list_training_runs(request: Request, limit: int = 20, offset: int = 0) -> dict[str, Any]:
-    return svc(request).runs.list_runs(tenant_of(request), _limit(limit, 20), max(0, offset))
+    return svc(request).runs.list_runs(tenant_of(request), _limit(limit, 20), _offset(offset))
 
 
 @router.get("/training_runs/{run}")
@@ -421,7 +447,7 @@ async def list_run_checkpoints(run: str, request: Request) -> dict[str, Any]:
 
 @router.get("/checkpoints")
 async def list_user_checkpoints(request: Request, limit: int = 100, offset: int = 0) -> dict[str, Any]:
-    limit, offset = _limit(limit, 100), max(0, offset)
+    limit, offset = _limit(limit, 100), _offset(offset)
     items, total = svc(request).checkpoints.list_for_tenant(tenant_of(request), limit, offset)
     return {"checkpoints": items, "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
@@ -511,7 +537,6 @@ _UNSUPPORTED = {
     ("POST", "/auth/token"): "JWT auth (this server uses static API keys; pjwt_auth_enabled is false)",
     ("POST", "/retrieve_futures"): "retrieve_futures (sample_use_retrieve_futures is off; poll retrieve_future)",
     ("POST", "/join_sampling_session"): "join_sampling_session (sample_join_sampling_session is off)",
-    ("POST", "/cancel_future"): "cancel_future",
     ("POST", "/create_custom_loss"): "server-side custom losses (custom_loss_server_side is off; "
                                      "forward_backward_custom runs the loss client-side)",
     ("GET", "/auth/apikey/me"): "API key introspection (manage keys with `tinkerbell keys`)",

@@ -28,6 +28,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,199}$")
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
 URL_LIFETIME_SECONDS = 3600
 SECRET_FILE = "url-signing-secret"
+# Suffix of a checkpoint folder being replaced by an overwrite; '~' is not allowed in names, so it never clashes.
+REPLACED_SUFFIX = "~replaced"
 
 
 def validate_name(name: str | None, field: str = "path") -> str:
@@ -102,6 +104,7 @@ class CheckpointManager:
         # Whatever is in staging was torn by a crash: it never became visible, so it can go.
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True, exist_ok=True)
+        self._recover_replaced()
         secret_path = Path(data_dir) / SECRET_FILE
         if not secret_path.exists():
             write_secret_file(secret_path, secrets.token_hex(32))
@@ -126,16 +129,28 @@ class CheckpointManager:
         final = self.dir_for(run, kind, name)
         final.parent.mkdir(parents=True, exist_ok=True)
         size = dir_size(staging)
+        # An overwrite sets the old folder aside next to its place (not in staging, which a restart wipes), so a
+        # crash between the two renames leaves the previous checkpoint recoverable (_recover_replaced).
+        old = final.with_name(final.name + REPLACED_SUFFIX)
         if final.exists():
-            old = self.staging / (uuid.uuid4().hex + ".old")
-            final.rename(old)
             shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
         staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
         self.store.put_checkpoint(run, kind, name, tenant, tinker_path(run, kind, name), size, expires_at,
                                   user_metadata)
         row = self.store.get_checkpoint(run, kind, name)
         assert row is not None
         return row
+
+    def _recover_replaced(self) -> None:
+        """Finish overwrites a crash interrupted: put the previous folder back if the new one never landed."""
+        for old in self.root.glob(f"*/*/*{REPLACED_SUFFIX}"):
+            final = old.with_name(old.name[: -len(REPLACED_SUFFIX)])
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.rename(final)
 
     # ----------------------------------------------------------------------------------------- lookup
 
@@ -236,7 +251,8 @@ class CheckpointManager:
 
     def verify_download(self, run: str, name: str, file: str, expires: int, sig: str) -> Path:
         """The file a signed URL names, if the signature is valid and unexpired (else NotFound: reveal nothing)."""
-        good = hmac.compare_digest(self._sign(run, name, file, expires), sig or "")
+        # compare_digest refuses non-ASCII str (TypeError, a 500): compare bytes, so any forged sig is a 404.
+        good = hmac.compare_digest(self._sign(run, name, file, expires).encode(), (sig or "").encode())
         if not good or expires < time.time():
             raise NotFound("this download link is invalid or has expired; ask for new ones with "
                            "GET /api/v1/training_runs/{run}/checkpoints/external_weights/{name}/external_weights_urls")

@@ -26,7 +26,7 @@ from tinkerbell.service.checkpoints import (
     validate_name,
     validate_ttl,
 )
-from tinkerbell.service.errors import BadRequest, NotFound, ServiceError
+from tinkerbell.service.errors import BadRequest, NotFound, ServerFault, ServiceError
 from tinkerbell.service.futures import FutureRegistry
 from tinkerbell.service.sessions import SessionManager
 from tinkerbell.service.store import Store, iso
@@ -40,6 +40,10 @@ log = logging.getLogger("tinkerbell.runs")
 Result = Union[dict[str, Any], bytes]  # JSON object, or protobuf bytes
 Start = Callable[[], Awaitable[Result]]
 MAX_AGE_RECIPIENTS = 10
+# How far past the next expected seq_id a request may be parked. The SDK keeps at most its chunks of one
+# forward_backward in flight; a seq_id far ahead is a client bug (or abuse) that would pin memory forever.
+MAX_SEQ_AHEAD = 4096
+MAX_SEED = 2**63 - 1  # seeds are stored as SQLite INTEGERs
 
 
 @dataclass
@@ -62,7 +66,7 @@ def failure_category(e: BaseException) -> str:
 
 
 def failure_message(e: BaseException) -> str:
-    if isinstance(e, ServiceError):
+    if isinstance(e, (ServiceError, ServerFault)):
         return e.detail
     if failure_category(e) == "user":
         return str(e)
@@ -124,6 +128,10 @@ class RunManager:
     def accept(self, tenant: str, model_id: str, seq_id: int | None, kind: str) -> tuple[str, bool]:
         """Check ownership and allocate (or, for a repeated (model_id, seq_id), find) the request id."""
         self.require(tenant, model_id)
+        next_seq = self._queue(model_id).next_seq
+        if seq_id is not None and seq_id > next_seq + MAX_SEQ_AHEAD:
+            raise BadRequest(f"seq_id {seq_id} is more than {MAX_SEQ_AHEAD} ahead of the next expected request "
+                             f"({next_seq}) of model {model_id}; requests of a model are numbered 1, 2, 3, ...")
         if seq_id is None:
             # Only pre-ordering clients omit seq_id: such a request goes after everything already submitted.
             rid, _, _ = self.futures.create(tenant, kind)
@@ -203,6 +211,8 @@ class RunManager:
         if not 1 <= spec.rank <= self.max_lora_rank:
             raise BadRequest(f"lora_config.rank must be between 1 and {self.max_lora_rank} (this server's "
                              f"--max-lora-rank); got {spec.rank}")
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise BadRequest(f"lora_config.seed must be between 0 and {MAX_SEED}; got {seed}")
         if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
             raise BadRequest("lora_config: at least one of train_attn, train_mlp, train_unembed must be true")
         self._check_optimizer(optimizer, "optimizer_config")
@@ -387,7 +397,11 @@ class RunManager:
             if not overwrite and self.checkpoints.exists(model_id, kind, name):
                 raise BadRequest(f"checkpoint {tinker_path(model_id, kind, name)} already exists; pick another "
                                  "name (path), delete it first, or save with overwrite=true")
-            staging = self.checkpoints.new_staging_dir()
+            target = tinker_path(model_id, kind, name)
+            try:
+                staging = self.checkpoints.new_staging_dir()
+            except OSError as e:
+                raise save_fault(target, e) from e
             fut = self.engine.save_adapter(model_id, staging, kind == "weights")
 
             async def finish() -> Result:
@@ -396,8 +410,10 @@ class RunManager:
                     if age is not None:
                         await asyncio.to_thread(encrypt_folder, staging, age)
                     row = self.checkpoints.commit(staging, model_id, kind, name, tenant, expires_at, user_metadata)
-                except BaseException:
+                except BaseException as e:
                     self.checkpoints.discard(staging)
+                    if failure_category(e) == "server" and not isinstance(e, (ServerFault, asyncio.CancelledError)):
+                        raise save_fault(target, e) from e
                     raise
                 if self.samplers is not None:
                     self.samplers.invalidate(row["tinker_path"])  # an overwrite must not leave stale weights
@@ -501,6 +517,18 @@ class RunManager:
                                src.get("user_metadata"), trainable=False)
         copied = self.checkpoints.copy(row, dest, tenant, expires_at)
         return {"tinker_path": copied["tinker_path"]}
+
+
+def save_fault(target: str, e: BaseException) -> ServerFault:
+    """A save that failed on the server's side (disk full, unwritable data dir, a writer error), said plainly:
+    the half-written files were discarded and an existing checkpoint of that name was not touched."""
+    log.error("saving %s failed", target, exc_info=e)
+    if isinstance(e, OSError):
+        why = e.strerror or str(e) or type(e).__name__
+    else:
+        why = f"{type(e).__name__}: {e}"
+    return ServerFault(f"could not write checkpoint {target}: {why}. The server's data dir may be full or "
+                       "read-only; nothing was saved and any previous checkpoint of that name is kept")
 
 
 # --------------------------------------------------------------------------------------------- age encryption

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from tinkerbell.engine.types import SampleJob, SampleResult
 from tinkerbell.service.checkpoints import CheckpointManager
-from tinkerbell.service.errors import BadRequest, NotFound
+from tinkerbell.service.errors import BadRequest, NotFound, Overloaded
 from tinkerbell.service.futures import FutureRegistry
 from tinkerbell.service.runs import failure_category, failure_message
 from tinkerbell.service.sessions import SessionManager
@@ -49,6 +49,9 @@ class SamplerManager:
         self.samples_requested = 0
         self.tokens_sampled = 0
         self.in_flight = 0
+        self.max_queued = 0  # --max-queued-requests; 0: no limit
+        self.refused = 0
+        self._engine_futures: dict[str, tuple[str, Future]] = {}  # request id -> (tenant, engine future)
 
     # ----------------------------------------------------------------------------------------- sessions
 
@@ -170,12 +173,30 @@ class SamplerManager:
             return {"request_id": rid, "sample_sequence_ids": [f"{rid}-{i}" for i in range(n)]}
         job = make_job(req)  # raises the codec's WireError (a 400) before anything is recorded
         job.adapter_key = adapter_key
+        self.admit()  # after validation: a request that can never succeed gets its 4xx, not a 429 to retry
         rid, _, _ = self.futures.create(tenant, "sample", dedupe_key=dedupe)
         self.samples_requested += job.num_samples
         self.in_flight += 1
         fut = self.engine.sample(job)
+        self._engine_futures[rid] = (tenant, fut)
         self._spawn(self._finish(rid, fut, adapter_key))
         return {"request_id": rid, "sample_sequence_ids": [f"{rid}-{i}" for i in range(job.num_samples)]}
+
+    def admit(self) -> None:
+        """Refuse new sampling work (429 + Retry-After) while --max-queued-requests are unfinished. Every face
+        that submits samples calls this first, so the queue, and the memory it holds, stays bounded."""
+        if self.max_queued and self.in_flight >= self.max_queued:
+            self.refused += 1
+            raise Overloaded(f"the server already holds {self.in_flight} unfinished sampling requests "
+                             f"(--max-queued-requests {self.max_queued}); retry after a moment")
+
+    def cancel(self, tenant: str, request_id: str) -> bool:
+        """Cancel an unfinished sample: the engine frees its KV blocks and slot at its next step, and the future
+        is failed with a reason. False when the request is unknown to this tenant or already finished."""
+        entry = self._engine_futures.get(request_id)
+        if entry is None or entry[0] != tenant:
+            return False
+        return entry[1].cancel()
 
     @staticmethod
     def _num_samples(req: dict[str, Any]) -> int:
@@ -187,6 +208,9 @@ class SamplerManager:
             result: SampleResult = await asyncio.wrap_future(fut)
             self.tokens_sampled += sum(len(s.tokens) for s in result.sequences)
             self.futures.complete_proto(rid, self.encode_sample(result))
+        except asyncio.CancelledError:
+            # The engine future was cancelled (cancel_future, or the server shutting down): say so, never hang.
+            self.futures.fail(rid, "the request was cancelled before it finished", "user")
         except BaseException as e:  # noqa: BLE001 - every failure goes to the request's future
             category = failure_category(e)
             if category == "server":
@@ -196,6 +220,7 @@ class SamplerManager:
             self.futures.fail(rid, failure_message(e), category)  # type: ignore[arg-type]
         finally:
             self.in_flight -= 1
+            self._engine_futures.pop(rid, None)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
