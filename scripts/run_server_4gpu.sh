@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Four GPUs, tensor parallel: scripts/run_server_4gpu.sh [MODEL] [GPU_MEMORY_UTIL] [extra serve flags...]
+# 4 GPUs: scripts/run_server_4gpu.sh [MODEL] [GPU_MEMORY_UTIL] [extra serve flags...]
+# Tensor parallel over all 4 by default; DP=<replicas> (or VLLM_TENSOR_PARALLEL_SIZE) splits them into replicas
+# behind the router (see run_server_multigpu.sh).
 set -euo pipefail
-MODEL="${1:-HuggingFaceTB/SmolLM2-135M-Instruct}"
-GPU_MEMORY_UTIL="${2:-0.4}"
+MODEL="${1:-${VLLM_MODEL:-HuggingFaceTB/SmolLM2-135M-Instruct}}"
+GPU_MEMORY_UTIL="${2:-${VLLM_GPU_MEMORY_UTIL:-0.4}}"
 shift $(( $# < 2 ? $# : 2 ))
 exec "$(dirname "${BASH_SOURCE[0]}")/run_server_multigpu.sh" "$MODEL" 4 "$GPU_MEMORY_UTIL" "$@"

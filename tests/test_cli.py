@@ -79,9 +79,12 @@ def test_subprocess_exit_codes_name_the_flag():
     assert len(r.stderr.strip().splitlines()) == 1  # one clear line, no traceback
     r = _run("tinkerbell", "serve", env={"VLLM_MAX_LORA_RANK": "0"})
     assert r.returncode == 2 and "--max-lora-rank" in r.stderr
-    for reserved in ("router", "bench"):
-        r = _run("tinkerbell", reserved, "--replica", "http://x:8001")
-        assert r.returncode == 2 and "not available in this build yet" in r.stderr
+    r = _run("tinkerbell", "bench", "--replica", "http://x:8001")
+    assert r.returncode == 2 and "not available in this build yet" in r.stderr
+    r = _run("tinkerbell", "router")
+    assert r.returncode == 2 and "--replica" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _run("tinkerbell", "router", "--replica", "x:8001")
+    assert r.returncode == 2 and "http://" in r.stderr
     r = _run("tinkerbell", "serve", "--help")
     assert r.returncode == 0 and "VLLM_MODEL" in r.stdout
 
@@ -154,3 +157,34 @@ def test_launch_scripts_are_thin_wrappers(tmp_path):
     assert run("run_server_2gpu.sh", "/m/x", "0.6", "--port", "9000", MAX_LORAS="4") == [
         "serve --model /m/x --tp 2 --gpu-memory-util 0.6 --port 9000", "loras=4 rank=64"]
     assert run("run_server_4gpu.sh")[0] == "serve --model HuggingFaceTB/SmolLM2-135M-Instruct --tp 4 --gpu-memory-util 0.4"
+    # DP= splits the GPUs into replicas behind the router; the seed's VLLM_* names pick model, TP and memory.
+    assert run("run_server_4gpu.sh", DP="2")[0] == (
+        "serve --model HuggingFaceTB/SmolLM2-135M-Instruct --tp 2 --dp 2 --gpu-memory-util 0.4")
+    assert run("run_server_multigpu.sh", "", "4", VLLM_MODEL="/m/v", VLLM_TENSOR_PARALLEL_SIZE="1",
+               VLLM_GPU_MEMORY_UTIL="0.3")[0] == "serve --model /m/v --tp 1 --dp 4 --gpu-memory-util 0.3"
+
+
+def test_dp_is_allowed_tp_is_not():
+    c = cli.config_from_args(["--dp", "3", "--health-check-interval", "0.5"], {})
+    assert (c.dp, c.health_check_interval) == (3, 0.5)
+    assert cli.config_from_args([], {"TINKERBELL_DP": "2", "TINKERBELL_HEALTH_CHECK_INTERVAL": "2.5"}).dp == 2
+    with pytest.raises(ConfigError, match="--tp"):
+        cli.config_from_args(["--tp", "2"], {})
+    with pytest.raises(ConfigError, match="--health-check-interval"):
+        cli.config_from_args(["--health-check-interval", "0"], {})
+
+
+def test_port_in_use_names_the_holder(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        for args in (["serve", "--dp", "2"], ["serve"], ["router", "--replica", "http://127.0.0.1:1"]):
+            r = _run("tinkerbell", *args, "--host", "127.0.0.1", "--port", str(port), "--model", "/nonexistent",
+                     "--data-dir", str(tmp_path)) if args[0] == "serve" else _run(
+                "tinkerbell", *args, "--host", "127.0.0.1", "--port", str(port))
+            assert r.returncode == 2, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+            assert f"port {port}" in r.stderr and f"pid {os.getpid()}" in r.stderr and "--port" in r.stderr

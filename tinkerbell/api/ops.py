@@ -43,7 +43,21 @@ def collect(request: Request) -> dict[str, Any]:
         "sampling": {"in_flight_requests": s.samplers.in_flight, "samples_requested": s.samplers.samples_requested,
                      "tokens_sampled": s.samplers.tokens_sampled},
         "engine": _engine_stats(request),
+        **_router_fields(request),
     }
+
+
+def _router_fields(request: Request) -> dict[str, Any]:
+    """What the data-parallel router reads from each replica every health interval: work not yet done, the
+    training runs whose state lives in this process (their requests must come here) and the adapters in LoRA
+    slots (OpenAI requests for them prefer this replica)."""
+    s = request.app.state.services
+    try:
+        resident = list(s.engine.stats().get("sampler", {}).get("lora_slots_resident") or [])
+    except Exception:  # noqa: BLE001 - stats must never take the endpoint down
+        resident = []
+    return {"outstanding": s.futures.pending_count(),
+            "live_runs": sorted(getattr(s.runs, "_live", ())), "resident_adapters": resident}
 
 
 @router.get("/healthz")
