@@ -8,7 +8,7 @@ json response formats) are refused with a 400 naming the field rather than silen
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -168,5 +168,3 @@ class UnloadLoraRequest(_Body):
     lora_name: Any = None
     lora_int_id: int | None = None
 
-
-Kind = Literal["completion", "chat"]
