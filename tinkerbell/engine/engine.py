@@ -30,6 +30,8 @@ log = logging.getLogger("tinkerbell.engine")
 
 # Consecutive forward/backward jobs (of any runs) are packed into one batch up to this many tokens.
 MAX_PACKED_TRAIN_TOKENS = 16384
+# GPU memory left free beside the KV cache for CUDA-graph buffers (≈130 MB of logits per 256-row bucket at 128k vocab).
+GRAPH_RESERVE_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -137,7 +139,8 @@ class Engine:
         per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
-            budget = int(free * self.config.gpu_memory_util)
+            # Keep room beside the cache for the decode CUDA graphs' buffers and the sampler's logits.
+            budget = int(min(free * self.config.gpu_memory_util, free - GRAPH_RESERVE_BYTES))
         else:
             budget = 512 * 2**20  # CPU: a fixed 512 MiB of KV is plenty for the tiny models CPUs serve
         blocks = max(budget // (per_token * bs), 2 * (self.max_context // bs + 1))
