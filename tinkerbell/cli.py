@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tinkerbell.config import (
+    DIFFUSION_ALGORITHMS,
     DTYPES,
     ENV_ALIASES,
     ConfigError,
@@ -68,6 +69,17 @@ SERVE_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--max-queued-requests",), "max_queued_requests", {"type": int, "metavar": "N"},
      "Sampling requests (Tinker asample and OpenAI) admitted but not yet finished; a request beyond this gets "
      "429 with Retry-After (the tinker SDK backs off and resubmits). 0 means no limit."),
+    (("--algorithm",), "algorithm", {"choices": DIFFUSION_ALGORITHMS},
+     "Diffusion LMs (LLaDA): generation algorithm for requests that name none (generation_algorithm)."),
+    (("--batch-size",), "batch_size", {"type": int, "metavar": "B"},
+     "Diffusion LMs: most sequences denoised per model forward."),
+    (("--max-wait-time",), "max_wait_time", {"type": float, "metavar": "SECONDS"},
+     "Diffusion LMs: how long an idle server waits for a batch to fill before starting it."),
+    (("--dcp-path",), "dcp_path", {"type": Path, "metavar": "DIR"},
+     "Load the weights from this torch.distributed.checkpoint folder (in memory) onto --base-model."),
+    (("--base-model",), "base_model", {"metavar": "M"},
+     "With --dcp-path: the model (HF id or folder) whose config and tokenizer the checkpoint fits; "
+     "stands for --model."),
 ]
 
 

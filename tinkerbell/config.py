@@ -29,9 +29,16 @@ ENV_ALIASES: dict[str, tuple[str, ...]] = {
     "max_loras": ("TINKERBELL_MAX_LORAS", "MAX_LORAS", "VLLM_MAX_LORAS"),
     "max_lora_rank": ("TINKERBELL_MAX_LORA_RANK", "MAX_LORA_RANK", "VLLM_MAX_LORA_RANK"),
     "max_queued_requests": ("TINKERBELL_MAX_QUEUED_REQUESTS",),
+    "algorithm": ("TINKERBELL_ALGORITHM",),
+    "batch_size": ("TINKERBELL_BATCH_SIZE",),
+    "max_wait_time": ("TINKERBELL_MAX_WAIT_TIME",),
+    "dcp_path": ("TINKERBELL_DCP_PATH",),
+    "base_model": ("TINKERBELL_BASE_MODEL",),
 }
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# engine/diffusion.py's algorithms and aliases (a test keeps the two in step; this module stays torch-free).
+DIFFUSION_ALGORITHMS = ("basic", "no_cache", "simple", "prefix_cache", "dual_cache")
 
 
 class ConfigError(ValueError):
@@ -56,6 +63,12 @@ class ServeConfig:
     max_lora_rank: int = 64
     # Sampling requests admitted but not finished; beyond it a new one gets 429 + Retry-After (0: no limit).
     max_queued_requests: int = 4096
+    # Diffusion LMs (LLaDA): default generation algorithm, sequences per forward, seconds an idle batch waits.
+    algorithm: str = "basic"
+    batch_size: int = 16
+    max_wait_time: float = 0.0
+    dcp_path: Path | None = None  # weights from a torch.distributed.checkpoint folder
+    base_model: str | None = None  # the architecture and tokenizer for --dcp-path (same as --model)
     # Not on the command line: knobs tests and embedders set directly.
     long_poll_seconds: float = 25.0
     allow_download: bool = True
@@ -85,6 +98,18 @@ class ServeConfig:
             raise ConfigError(f"--max-lora-rank must be >= 1 (got {self.max_lora_rank})")
         if self.max_queued_requests < 0:
             raise ConfigError(f"--max-queued-requests must be >= 0 (got {self.max_queued_requests})")
+        if self.algorithm not in DIFFUSION_ALGORITHMS:
+            raise ConfigError(f"--algorithm must be one of {', '.join(DIFFUSION_ALGORITHMS)} (got {self.algorithm!r})")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if not 0 <= self.max_wait_time < 3600:
+            raise ConfigError(f"--max-wait-time must be in [0, 3600) seconds (got {self.max_wait_time})")
+        if self.base_model and self.model and self.base_model != self.model:
+            raise ConfigError("--base-model and --model name different models; give one")
+        if self.dcp_path is not None and not (self.base_model or self.model):
+            raise ConfigError("--dcp-path needs --base-model (the architecture and tokenizer to load it onto)")
+        if self.base_model and not self.model:
+            self.model = self.base_model
         for k in self.api_keys:
             if not k.startswith("tml-"):
                 raise ConfigError(f"API keys must start with 'tml-' (the tinker SDK refuses others): {k[:8]}...")
@@ -114,6 +139,7 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, object]:
     conv = {"port": int, "tp": int, "dp": int, "max_loras": int, "max_lora_rank": int, "gpu_memory_util": float,
             "max_queued_requests": int}
     conv["health_check_interval"] = float
+    conv |= {"batch_size": int, "max_wait_time": float}
     for flag, names in ENV_ALIASES.items():
         v = env_value(flag, environ)
         if v is None:

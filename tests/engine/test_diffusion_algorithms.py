@@ -193,3 +193,10 @@ def test_bad_requests_are_user_errors(model):
     assert not sampler.has_work()
     with pytest.raises(EngineUserError):
         make_sampler(model, algorithm="nope")
+
+
+def test_cli_algorithm_names_match_the_engine():
+    from tinkerbell.config import DIFFUSION_ALGORITHMS
+    from tinkerbell.engine.diffusion import ALGORITHMS, ALIASES
+
+    assert set(DIFFUSION_ALGORITHMS) == set(ALGORITHMS) | set(ALIASES)
