@@ -51,6 +51,10 @@ RETRIEVE_HOLD_SECONDS = 1.0
 MAX_RETRIEVE_HOLD_SECONDS = 30.0
 
 
+def handle(rid: str, model_id: str | None) -> dict[str, Any]:
+    return {"request_id": rid, "model_id": model_id}
+
+
 async def body_of(request: Request) -> dict[str, Any]:
     return await json_body(request)
 

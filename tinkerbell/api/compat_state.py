@@ -228,8 +228,3 @@ def fb_json(metrics: dict[str, float], outputs: list[dict[str, Any]], model_id: 
     if loss_tokens is not None:
         out["num_loss_tokens"] = loss_tokens
     return out
-
-
-def handle(rid: str, model_id: str | None) -> dict[str, Any]:
-    return {"request_id": rid, "model_id": model_id}
-
