@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import httpx
 
@@ -47,8 +47,10 @@ def json_response(status: int, body: dict[str, Any], extra: list[tuple[bytes, by
 
 
 class RouterApp:
-    def __init__(self, urls: list[str], health_interval: float = 10.0):
+    def __init__(self, urls: list[str], health_interval: float = 10.0,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.pool = Pool(urls)
+        self.transport = transport  # tests put fake replicas here
         self.health_interval = health_interval
         self.started = time.time()
         self.requests = 0
@@ -61,7 +63,8 @@ class RouterApp:
     async def startup(self) -> None:
         # http1 only, no pool cap: every SDK future holds one long poll, so thousands of idle connections.
         self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024,
-                                                            keepalive_expiry=60.0), trust_env=False)
+                                                            keepalive_expiry=60.0), trust_env=False,
+                                        transport=self.transport)
         self.health = HealthChecker(self.pool, self.client, self.health_interval)
         await self.health.check_all()
         self.health.start()
@@ -229,7 +232,7 @@ class RouterApp:
         watcher = (asyncio.get_running_loop().create_task(_watch_disconnect(receive, gone))
                    if ctype.startswith("text/event-stream") else None)
         try:
-            async for chunk in resp.aiter_raw():
+            async for chunk in _raw_chunks(resp):
                 if gone.is_set():
                     break  # the client left: closing the upstream stream stops the replica's generation
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -326,6 +329,14 @@ def _lost_run(model_id: str | None, where: str, error: str) -> str:
     return (f"{run} lived on {where}, which stopped answering ({error}); the run's in-memory state (weights since "
             f"its last save_state, optimizer moments) is gone. Resume from its last save_state checkpoint with "
             f"{resume}: the new run is placed on a healthy replica (RestClient.list_checkpoints lists the saves)")
+
+
+async def _raw_chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
+    if resp.is_stream_consumed:  # a transport that reads bodies itself (httpx.MockTransport in tests)
+        yield resp.content
+        return
+    async for chunk in resp.aiter_raw():
+        yield chunk
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -83,8 +83,17 @@ def plan(pool: Pool, method: str, path: str, body: dict[str, Any] | None, raw: b
     if isinstance(body.get("request_id"), str) and (t := ids.untag(body["request_id"])) is not None:
         # Another face's poll (e.g. the original client API): same rule as retrieve_future.
         return _retrieve(pool, body, name=path)
-    if isinstance(body.get("model_id"), str) and (owner := pool.owner_of_run(body["model_id"])) is not None:
-        return _run(pool, path, body["model_id"])
+    mid = body.get("model_id")
+    if method == "POST" and ep is None and not path.startswith("/v1/"):
+        # Other faces (the original client API): a named adapter sticks to the replica that first served it,
+        # and their futures are tagged like the Tinker face's.
+        if isinstance(mid, str) and mid and mid not in pool.base_models:
+            if pool.owner_of_run(mid) is not None:
+                return _run(pool, path, mid)
+            return Plan(path, pool.ranked(), tag_kind=ids.TRAIN, model_id=mid, learn="run", retry_ambiguous=False)
+        return Plan(path, pool.ranked(), tag_kind=ids.OTHER)
+    if isinstance(mid, str) and pool.owner_of_run(mid) is not None:
+        return _run(pool, path, mid)
     # Reads, checkpoint management, bootstrap, telemetry, the console: any replica (one shared store).
     return Plan(ep or path, pool.ranked())
 

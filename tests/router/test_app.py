@@ -1,0 +1,128 @@
+"""The router app against fake replicas (httpx.MockTransport): tagging, stickiness, failover, answers for work
+lost with a replica, and /stats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+
+from tinkerbell.router import ids
+from tinkerbell.router.app import RouterApp
+
+
+class Fakes:
+    """Two replicas: r0 at :8001, r1 at :8002; `dead` ones refuse connections, as a killed process does."""
+
+    def __init__(self) -> None:
+        self.dead: set[int] = set()
+        self.seen: list[tuple[int, str, dict[str, Any]]] = []
+        self.n = 0
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        idx = request.url.port - 8001
+        if idx in self.dead:
+            raise httpx.ConnectError("connection refused", request=request)
+        path = request.url.path
+        body = json.loads(request.content) if request.content and request.content[:1] == b"{" else {}
+        self.seen.append((idx, path, body))
+        if path == "/stats":
+            return httpx.Response(200, json={"model": "base", "outstanding": 0, "live_runs": [],
+                                             "resident_adapters": []})
+        self.n += 1
+        if path == "/api/v1/create_session":
+            return httpx.Response(200, json={"session_id": f"S{self.n}"})
+        if path == "/api/v1/create_model":
+            mid = f"{body['session_id']}:train:{body['model_seq_id']}"
+            return httpx.Response(200, json={"request_id": f"req-{idx}-{self.n}", "model_id": mid})
+        if path in ("/api/v1/optim_step", "/api/v1/asample"):
+            return httpx.Response(200, json={"request_id": f"req-{idx}-{self.n}"})
+        if path == "/api/v1/retrieve_future":
+            return httpx.Response(200, json={"metrics": {}, "served_by": idx, "rid": body["request_id"]})
+        if path == "/v1/completions":
+            async def chunks():
+                for i in range(3):
+                    yield f"data: {i}\n\n".encode()
+            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=chunks())
+        return httpx.Response(404, json={"detail": "no such route"})
+
+
+def _run(test) -> None:
+    async def main() -> None:
+        fakes = Fakes()
+        app = RouterApp(["http://127.0.0.1:8001", "http://127.0.0.1:8002"], health_interval=60,
+                        transport=httpx.MockTransport(fakes))
+        await app.startup()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+                await test(app, fakes, c)
+        finally:
+            await app.shutdown()
+
+    asyncio.run(main())
+
+
+def test_runs_futures_and_samplers_stick_and_ids_are_tagged():
+    async def test(app: RouterApp, fakes: Fakes, c: httpx.AsyncClient) -> None:
+        s1 = (await c.post("/api/v1/create_session", json={})).json()["session_id"]
+        s2 = (await c.post("/api/v1/create_session", json={})).json()["session_id"]
+        assert {app.pool.sessions.get(s1), app.pool.sessions.get(s2)} == {0, 1}  # idle: sessions spread
+        owner = app.pool.sessions.get(s1)
+        h = (await c.post("/api/v1/create_model", json={"session_id": s1, "model_seq_id": 0})).json()
+        t = ids.untag(h["request_id"])
+        assert t is not None and t.replica == owner and t.kind == "t" and t.model_id == f"{s1}:train:0"
+        assert app.pool.replicas[owner].outstanding == 1
+        got = (await c.post("/api/v1/retrieve_future", json={"request_id": h["request_id"]})).json()
+        assert got["served_by"] == owner and got["rid"] == t.request_id  # the replica sees its own id
+        assert app.pool.replicas[owner].outstanding == 0
+        for _ in range(3):
+            r = await c.post("/api/v1/optim_step", json={"model_id": f"{s1}:train:0", "seq_id": 1})
+            assert ids.untag(r.json()["request_id"]).replica == owner
+            r = await c.post("/api/v1/asample", json={"sampling_session_id": f"{s1}:sample:0", "seq_id": 3})
+            assert ids.untag(r.json()["request_id"]).replica == owner
+        stats = (await c.get("/stats")).json()
+        assert stats["total_workers"] == 2 and stats["healthy_workers"] == 2
+        w = stats["workers"][owner]
+        assert set(w) >= {"index", "url", "healthy", "requests_served", "errors", "outstanding", "adapters"}
+        assert w["requests_served"] >= 8
+
+    _run(test)
+
+
+def test_a_dead_replica_loses_no_retryable_request_and_names_lost_runs():
+    async def test(app: RouterApp, fakes: Fakes, c: httpx.AsyncClient) -> None:
+        app.pool.note_session("S", app.pool.replicas[0])
+        h = (await c.post("/api/v1/create_model", json={"session_id": "S", "model_seq_id": 0})).json()
+        s = (await c.post("/api/v1/asample", json={"sampling_session_id": "S:sample:0", "seq_id": 9})).json()
+        fakes.dead.add(0)
+        # Sampling moves to the live replica, as a fresh submission (no seq_id: the dead one may have recorded it).
+        r = await c.post("/api/v1/asample", json={"sampling_session_id": "S:sample:0", "seq_id": 10})
+        assert r.status_code == 200 and ids.untag(r.json()["request_id"]).replica == 1
+        assert fakes.seen[-1][0] == 1 and "seq_id" not in fakes.seen[-1][2]
+        assert not app.pool.replicas[0].healthy and app.pool.samplers.get("S:sample:0") == 1
+        # OpenAI requests too, streamed through.
+        r = await c.post("/v1/completions", json={"model": "base", "prompt": "x", "stream": True})
+        assert r.status_code == 200 and r.text == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
+        # The run's own requests: a clear, permanent error naming the run and how to resume.
+        r = await c.post("/api/v1/optim_step", json={"model_id": "S:train:0", "seq_id": 1})
+        assert r.status_code == 400 and int(r.headers["content-length"]) > 0
+        detail = r.json()["detail"]
+        assert "S:train:0" in detail and "save_state" in detail and "create_training_client_from_state" in detail
+        # Polls of its futures: a training future fails naming the run; a sample is "expired" (SDK resubmits).
+        r = await c.post("/api/v1/retrieve_future", json={"request_id": h["request_id"]})
+        assert r.status_code == 200 and r.json()["category"] == "server" and "S:train:0" in r.json()["error"]
+        r = await c.post("/api/v1/retrieve_future", json={"request_id": s["request_id"]})
+        assert r.status_code == 410
+        # New sessions and runs go to the live replica.
+        sid = (await c.post("/api/v1/create_session", json={})).json()["session_id"]
+        assert app.pool.sessions.get(sid) == 1
+        fakes.dead.add(1)
+        r = await c.post("/api/v1/create_session", json={})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"  # transient: the SDK retries
+        fakes.dead.clear()
+        await app.health.check_all()
+        assert (await c.get("/stats")).json()["healthy_workers"] == 2  # back once healthy
+
+    _run(test)
