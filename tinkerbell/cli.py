@@ -163,6 +163,10 @@ def _serve(args: argparse.Namespace) -> int:
         config = _config(args, os.environ)
     except ConfigError as e:
         return _fail("serve", str(e))
+    from tinkerbell.legacy_env import notice
+
+    if (line := notice(os.environ)) is not None:
+        log.info(line)
     resolve_default_model(config, log)
     from tinkerbell.router import ports, supervisor
 

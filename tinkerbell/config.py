@@ -17,7 +17,7 @@ ENV_ALIASES: dict[str, tuple[str, ...]] = {
     "model": ("TINKERBELL_MODEL", "VLLM_MODEL"),
     "served_model_name": ("TINKERBELL_SERVED_MODEL_NAME",),
     "host": ("TINKERBELL_HOST",),
-    "port": ("TINKERBELL_PORT",),
+    "port": ("TINKERBELL_PORT", "PORT"),
     "data_dir": ("TINKERBELL_DATA_DIR",),
     "dtype": ("TINKERBELL_DTYPE",),
     "api_keys": ("TINKERBELL_API_KEYS",),
