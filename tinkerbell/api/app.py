@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from fastapi import FastAPI
 
 from tinkerbell.api import codec, errors, ops
+from tinkerbell.api import diffusion as diffusion_api
 from tinkerbell.api import openai as openai_api
 from tinkerbell.api.compat import router as compat_router
 from tinkerbell.api.tinker import Services
@@ -61,7 +62,9 @@ def build_engine(config: ServeConfig) -> "Engine":
 
     return Engine(EngineConfig(model=config.model or "", dtype=config.dtype, max_loras=config.max_loras,
                                max_lora_rank=config.max_lora_rank, gpu_memory_util=config.gpu_memory_util,
-                               allow_download=config.allow_download))
+                               allow_download=config.allow_download, algorithm=config.algorithm,
+                               batch_size=config.batch_size, max_wait_time=config.max_wait_time,
+                               dcp_path=config.dcp_path))
 
 
 def build_services(config: ServeConfig, engine: "Engine") -> Services:
@@ -105,6 +108,7 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None) -> FastAPI:
     errors.install(app)
     app.include_router(tinker_router)
     app.include_router(ops.router)
+    diffusion_api.install(app)  # /generation/algorithms, /batch/stats (diffusion LMs)
     openai_api.install(app)  # /v1/*: OpenAI-shaped errors, its own catch-all for unknown /v1 paths
     app.include_router(compat_router)  # the original client API; after the others, whose paths win
     app.add_middleware(_CountRequests, counters=app.state.ops)

@@ -19,6 +19,7 @@ from tinkerbell.service.openai_completions import SamplingOptions
 MAX_N = 128  # the engine's num_samples limit
 MAX_LOGPROBS = 20  # the engine's top-k logprobs limit
 MAX_STOP = 16
+DIFFUSION_FIELDS = ("generation_algorithm", "steps", "block_length", "remasking", "threshold", "factor", "cfg_scale")
 
 
 class _Body(BaseModel):
@@ -47,6 +48,17 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    # Diffusion LMs (LLaDA) only; checked by the engine, which names a bad field. Ignored by autoregressive models.
+    generation_algorithm: str | None = None
+    steps: int | None = Field(None, ge=1)
+    block_length: int | None = Field(None, ge=1)
+    remasking: str | None = None
+    threshold: float | None = Field(None, gt=0, le=1)
+    factor: float | None = Field(None, gt=0)
+    cfg_scale: float = Field(0.0, ge=0)
+
+    def diffusion(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in DIFFUSION_FIELDS}
 
     def check_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
@@ -72,7 +84,8 @@ class _Sampling(_Body):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=top_k, seed=self.seed, stop=self.stops(),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-            include_stop=self.include_stop_str_in_output, logprobs=logprobs, echo=echo, prompt_field=prompt_field)
+            include_stop=self.include_stop_str_in_output, logprobs=logprobs, echo=echo, prompt_field=prompt_field,
+            diffusion=self.diffusion())
 
     def include_usage(self) -> bool:
         # Our choice: the final usage chunk is sent unless the client explicitly turns it off.

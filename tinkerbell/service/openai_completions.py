@@ -52,6 +52,7 @@ class SamplingOptions:
     logprobs: int | None = None  # alternatives per token; None: no logprobs at all
     echo: bool = False
     prompt_field: str = "prompt"  # what a prompt error names: "prompt" or "messages"
+    diffusion: dict[str, Any] = field(default_factory=dict)  # SampleJob's diffusion-LM fields, passed through
 
 
 @dataclass
@@ -197,7 +198,7 @@ class CompletionService:
                 top_p=opts.top_p, top_k=opts.top_k, seed=opts.seed, stop_token_ids=list(opts.stop_token_ids),
                 stop_strings=list(opts.stop), stop_at_eos=not opts.ignore_eos, adapter_key=adapter_key,
                 prompt_logprobs=opts.echo and opts.logprobs is not None,
-                topk_prompt_logprobs=k if opts.echo else 0, topk_sample_logprobs=k))
+                topk_prompt_logprobs=k if opts.echo else 0, topk_sample_logprobs=k, **opts.diffusion))
         futures = []
         for job in jobs:
             self.samplers.samples_requested += job.num_samples
