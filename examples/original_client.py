@@ -36,11 +36,12 @@ def wait(c: httpx.Client, request_id: str, timeout: float = 600) -> dict:
 
 def main() -> int:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 20; --quick 12)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; --quick 2e-2)")
+    p.add_argument("--steps", type=int, default=None, help="most training steps (default 20; --quick 20)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; --quick 1e-2)")
+    p.add_argument("--stop-loss", type=float, default=0.01, help="stop training once the loss is below this")
     args = p.parse_args()
-    steps = args.steps or (12 if args.quick else 20)
-    lr = args.lr or (2e-2 if args.quick else 1e-3)
+    steps = args.steps or 20
+    lr = args.lr or (1e-2 if args.quick else 1e-3)
     timer = Timer()
     with httpx.Client(base_url=args.url, headers={"X-API-Key": api_key(args)}, timeout=600) as c:
         info = c.get("/").json()
@@ -57,6 +58,8 @@ def main() -> int:
                 result = wait(c, fb["request_id"])
                 wait(c, opt["request_id"])
                 print(f"step {step:>3}  loss {result['loss']:.4f}  ({result['num_loss_tokens']} assistant tokens)")
+                if result["loss"] < args.stop_loss:
+                    break  # memorised: more steps at this rate only make Adam overshoot
         with timer.phase("sample"):
             r = c.post("/api/v1/sample", json={"model_id": model_id, "prompts": ["What is your name?"],
                                               "sampling_params": {"max_tokens": 24, "temperature": 0.0}})

@@ -62,6 +62,6 @@ def test_stress_test_reports_throughput_latency_and_spread(example_server):
 def test_original_client_end_to_end(example_server, name):
     out = run_example(example_server, name)
     losses = [float(x) for x in re.findall(rf"loss ({NUMBER})", out)]
-    assert len(losses) == 12 and losses[-1] < 0.1 * losses[0], out
+    assert 2 <= len(losses) <= 20 and losses[-1] < 0.1 * losses[0], out
     assert "answer: 'My name is Tinkerbell.'" in out and "remove_lora: deleted" in out, out
     assert re.search(r"checkpoint: tinker://\S+/weights/example", out), out
