@@ -37,7 +37,9 @@ class Fakes:
         if path == "/api/v1/create_model":
             mid = f"{body['session_id']}:train:{body['model_seq_id']}"
             return httpx.Response(200, json={"request_id": f"req-{idx}-{self.n}", "model_id": mid})
-        if path in ("/api/v1/optim_step", "/api/v1/asample"):
+        if path == "/add_lora":  # the original client API: the response names the adapter's new run
+            return httpx.Response(200, json={"model_id": f"A{self.n}:train:0", "status": "ok"})
+        if path in ("/api/v1/optim_step", "/api/v1/asample", "/fwdbwd"):
             return httpx.Response(200, json={"request_id": f"req-{idx}-{self.n}"})
         if path == "/api/v1/retrieve_future":
             return httpx.Response(200, json={"metrics": {}, "served_by": idx, "rid": body["request_id"]})
@@ -124,5 +126,16 @@ def test_a_dead_replica_loses_no_retryable_request_and_names_lost_runs():
         fakes.dead.clear()
         await app.health.check_all()
         assert (await c.get("/stats")).json()["healthy_workers"] == 2  # back once healthy
+
+    _run(test)
+
+
+def test_a_run_created_through_the_original_api_sticks_to_its_replica():
+    async def test(app: RouterApp, fakes: Fakes, c: httpx.AsyncClient) -> None:
+        mid = (await c.post("/add_lora", json={"lora_id": "alice", "rank": 8})).json()["model_id"]
+        owner = fakes.seen[-1][0]
+        for _ in range(4):
+            await c.post("/fwdbwd", json={"model_id": mid, "data": []})
+            assert fakes.seen[-1][0] == owner
 
     _run(test)

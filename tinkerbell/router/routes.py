@@ -91,7 +91,8 @@ def plan(pool: Pool, method: str, path: str, body: dict[str, Any] | None, raw: b
             if pool.owner_of_run(mid) is not None:
                 return _run(pool, path, mid)
             return Plan(path, pool.ranked(), tag_kind=ids.TRAIN, model_id=mid, learn="run", retry_ambiguous=False)
-        return Plan(path, pool.ranked(), tag_kind=ids.OTHER)
+        # `learn`: a response naming a new run (the original API's /add_lora) pins that run to its replica.
+        return Plan(path, pool.ranked(), tag_kind=ids.OTHER, learn="run")
     if isinstance(mid, str) and pool.owner_of_run(mid) is not None:
         return _run(pool, path, mid)
     # Reads, checkpoint management, bootstrap, telemetry, the console: any replica (one shared store).
