@@ -15,6 +15,7 @@ ends with one device→host copy of the sampled tokens and their logprobs.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
@@ -33,6 +34,8 @@ from tinkerbell.engine.models.llama import CausalLM
 from tinkerbell.engine.runner import ModelRunner, StepPlan
 from tinkerbell.engine.scheduler import (ScheduledSeq, Scheduler, SeqStatus, Sequence, SequenceGroup)
 from tinkerbell.engine.types import EngineUserError, SampledSequence, SampleJob, SampleResult
+
+log = logging.getLogger("tinkerbell.engine.sampler")
 
 MAX_NUM_SAMPLES = 128
 MAX_TOPK_LOGPROBS = 20
@@ -104,6 +107,7 @@ class Sampler:
             params=sampling.SamplingParams(float(job.temperature), int(job.top_k), float(job.top_p)),
             first_logprob_row=first_pos - 1 if wants_prompt else p,
             stop_ids=frozenset(stop_ids),
+            on_token=job.on_token,
         )
         if job.prompt_logprobs:
             group.prompt_logprobs = np.full(p, np.nan, dtype=np.float32)
@@ -303,11 +307,22 @@ class Sampler:
             seq.topk_logprobs.append(topk_lps[:job.topk_sample_logprobs])
         self._counters["tokens_generated"] += 1
         reason = self._stop_reason(seq, token)
+        if seq.group.on_token is not None:
+            self._stream(seq, token, logprob)
         if reason is None:
             return
         self.scheduler.finish(seq, reason)
         if seq.group.done:
             self._complete(seq.group)
+
+    @staticmethod
+    def _stream(seq: Sequence, token: int, logprob: float) -> None:
+        group = seq.group
+        try:
+            group.on_token(seq.sample_index, token, logprob)
+        except Exception:  # noqa: BLE001 - a broken consumer must not fail the batch it shares a step with
+            log.exception("on_token callback of request %d failed; streaming turned off for it", group.request_id)
+            group.on_token = None
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         job, group = seq.group.job, seq.group

@@ -13,6 +13,7 @@ n sequences that share the prompt's blocks. A shared, partly filled last block i
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
@@ -42,6 +43,7 @@ class SequenceGroup:
     params: SamplingParams
     first_logprob_row: int  # first prompt row whose logits the request needs (rows up to len(prompt) - 2)
     stop_ids: frozenset[int]  # token ids that end a sample (EOS unless disabled, plus stop_token_ids)
+    on_token: Callable[[int, int, float], None] | None = None  # job.on_token until it raises
     seqs: list["Sequence"] = field(default_factory=list)
     slot: int | None = None  # pinned LoRA slot (None: base model, or not admitted yet)
     salt: str = ""  # prefix-cache salt of the adapter weights it runs with (set when its slot is pinned)

@@ -79,6 +79,12 @@ class SampleJob:
     cfg_scale: float = 0.0  # classifier-free guidance (0 = off)
     # Streaming: called on the engine thread as (sample_index, tokens of a block now final, finished).
     on_block: Callable[[int, list[int], bool], None] | None = None
+    # Streaming (autoregressive sampler): called on the engine thread as (sample_index, token_id, logprob) for
+    # every generated token, in order, once stop rules have run (a stop token is part of the output, so it is
+    # reported too), before the request's future resolves. It must be quick and must not block; another
+    # thread's consumer (an asyncio loop) is reached with loop.call_soon_threadsafe. An exception it raises
+    # is logged and turns the callback off for that request; the request itself still completes.
+    on_token: Callable[[int, int, float], None] | None = None
 
 
 @dataclass
