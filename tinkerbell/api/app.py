@@ -17,6 +17,7 @@ from tinkerbell.api import codec, errors, ops
 from tinkerbell.api import diffusion as diffusion_api
 from tinkerbell.api import openai as openai_api
 from tinkerbell.api.compat import router as compat_router
+from tinkerbell.api.console import router as console_router
 from tinkerbell.api.tinker import Services
 from tinkerbell.api.tinker import router as tinker_router
 from tinkerbell.config import ServeConfig, resolve_default_model
@@ -108,6 +109,7 @@ def create_app(config: ServeConfig, engine: "Engine | None" = None) -> FastAPI:
     errors.install(app)
     app.include_router(tinker_router)
     app.include_router(ops.router)
+    app.include_router(console_router)  # /console and /console/api/*
     diffusion_api.install(app)  # /generation/algorithms, /batch/stats (diffusion LMs)
     openai_api.install(app)  # /v1/*: OpenAI-shaped errors, its own catch-all for unknown /v1 paths
     app.include_router(compat_router)  # the original client API; after the others, whose paths win
