@@ -102,7 +102,11 @@ export async function render(main) {
       for await (const e of events(r)) {
         if (e.error) throw new Error(e.error.message || String(e.error));
         for (const c of e.choices || []) {
-          if (c.delta && c.delta.content) { reply += c.delta.content; out.textContent = reply; }
+          if (c.delta && c.delta.content) {
+            reply += c.delta.content;
+            out.textContent = reply;
+            out.parentElement.dataset.chunks = String(Number(out.parentElement.dataset.chunks || 0) + 1);
+          }
           if (c.finish_reason) finish = c.finish_reason;
         }
         if (e.usage) tokens = e.usage.completion_tokens;
