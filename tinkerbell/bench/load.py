@@ -1,0 +1,175 @@
+"""The OpenAI-client load driver every sampling scenario uses: N streamed /v1/completions at concurrency C,
+each timed (time to first token, gaps between streamed tokens, end to end).
+
+Prompts are random token ids (seeded) so input lengths are exact and no two requests share a cached prefix;
+`ignore_eos` makes every request produce exactly its `max_tokens`, so output lengths are what the table says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tinkerbell.bench import progress
+from tinkerbell.bench.context import Target
+from tinkerbell.bench.metrics import summarize
+
+# Low ids are special tokens in most vocabularies; random ids above them make plain (if meaningless) text.
+_FIRST_ID = 16
+
+
+@dataclass
+class RequestSpec:
+    prompt: list[int]
+    max_tokens: int
+    model: str | None = None  # None: the base model
+    tag: str = ""
+
+
+@dataclass
+class RequestRecord:
+    tag: str
+    ok: bool
+    prompt_tokens: int
+    output_tokens: int = 0
+    start: float = 0.0
+    ttft: float = float("nan")
+    e2e: float = float("nan")
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def tpot(self) -> float:
+        """Mean time per output token after the first."""
+        if self.output_tokens < 2 or math.isnan(self.ttft):
+            return float("nan")
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+@dataclass
+class LoadResult:
+    records: list[RequestRecord]
+    wall: float
+    concurrency: int
+
+    def ok(self, tag: str | None = None) -> list[RequestRecord]:
+        return [r for r in self.records if r.ok and (tag is None or r.tag == tag)]
+
+    @property
+    def errors(self) -> int:
+        return sum(not r.ok for r in self.records)
+
+    def first_error(self) -> str:
+        return next((r.error for r in self.records if not r.ok), "")
+
+    def summary(self, tag: str | None = None) -> dict[str, float]:
+        """Throughput over the whole run's wall time and latency percentiles (ms) of the `tag` requests."""
+        rs = self.ok(tag)
+        out_tokens = sum(r.output_tokens for r in rs)
+        wall = max(self.wall, 1e-9)
+        s: dict[str, float] = {"requests": float(len(rs)), "errors": float(self.errors), "wall_s": self.wall,
+                               "output_tok_s": out_tokens / wall, "req_s": len(rs) / wall,
+                               "total_tok_s": (out_tokens + sum(r.prompt_tokens for r in rs)) / wall}
+        for name, values in (("ttft_ms", [r.ttft for r in rs]), ("itl_ms", [g for r in rs for g in r.itl]),
+                             ("e2e_ms", [r.e2e for r in rs]), ("tpot_ms", [r.tpot for r in rs])):
+            for k, v in summarize(values, 1000.0).items():
+                if k != "n":
+                    s[f"{name}_{k}"] = v
+        return s
+
+
+def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
+    hi = max(vocab - 1, _FIRST_ID + 1)
+    return [rng.randint(_FIRST_ID, hi) for _ in range(max(1, length))]
+
+
+def fixed_requests(rng: random.Random, target: Target, n: int, in_len: int, out_len: int, tag: str = "",
+                   model: str | None = None) -> list[RequestSpec]:
+    in_len, out_len = fit(target, in_len, out_len)
+    return [RequestSpec(random_prompt(rng, in_len, target.vocab_size), out_len, model, tag) for _ in range(n)]
+
+
+def fit(target: Target, in_len: int, out_len: int) -> tuple[int, int]:
+    """Lengths that fit the model's context window (input shrinks first: outputs are what we time)."""
+    room = target.max_context - 1
+    out_len = max(1, min(out_len, room // 2))
+    return max(1, min(in_len, room - out_len)), out_len
+
+
+def lognormal_lengths(rng: random.Random, n: int, median: int, cap: int, sigma: float = 0.8) -> list[int]:
+    """Chat-like lengths: log-normal around `median` (ShareGPT-like spread), clipped to [4, cap]."""
+    return [int(min(cap, max(4, round(rng.lognormvariate(math.log(median), sigma))))) for _ in range(n)]
+
+
+async def _one(client: Any, target: Target, spec: RequestSpec, seed: int) -> RequestRecord:
+    rec = RequestRecord(spec.tag, False, len(spec.prompt), start=time.perf_counter())
+    last = None
+    chunks = 0
+    try:
+        stream = await client.completions.create(
+            model=spec.model or target.model, prompt=spec.prompt, max_tokens=spec.max_tokens, temperature=1.0,
+            seed=seed, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.choices and chunk.choices[0].text:
+                chunks += 1
+                if last is None:
+                    rec.ttft = now - rec.start
+                else:
+                    rec.itl.append(now - last)
+                last = now
+            if getattr(chunk, "usage", None):
+                rec.output_tokens = chunk.usage.completion_tokens
+        rec.e2e = time.perf_counter() - rec.start
+        rec.output_tokens = rec.output_tokens or chunks
+        rec.ok = True
+    except Exception as e:  # noqa: BLE001 - a failed request is counted and reported, the run goes on
+        rec.error = f"{type(e).__name__}: {e}"[:300]
+        rec.e2e = time.perf_counter() - rec.start
+    return rec
+
+
+def openai_client(target: Target) -> Any:
+    from openai import AsyncOpenAI
+
+    # No client retries: a 429 or timeout is a measured error, not a hidden delay in the latency figures.
+    return AsyncOpenAI(base_url=target.url.rstrip("/") + "/v1", api_key=target.api_key, max_retries=0,
+                       timeout=900)
+
+
+async def drive(target: Target, specs: list[RequestSpec], concurrency: int, desc: str, show: bool = True,
+                seed: int = 0) -> LoadResult:
+    """Send `specs` with at most `concurrency` in flight; one record per request, in submission order."""
+    client = openai_client(target)
+    sem = asyncio.Semaphore(max(1, concurrency))
+    pbar = progress.bar(len(specs), desc, show)
+
+    async def guarded(i: int, spec: RequestSpec) -> RequestRecord:
+        async with sem:
+            rec = await _one(client, target, spec, seed + i)
+            pbar.update(1)
+            return rec
+
+    t0 = time.perf_counter()
+    try:
+        records = await asyncio.gather(*(guarded(i, s) for i, s in enumerate(specs)))
+    finally:
+        pbar.close()
+        await client.close()
+    return LoadResult(list(records), time.perf_counter() - t0, concurrency)
+
+
+def run_load(target: Target, specs: list[RequestSpec], concurrency: int, desc: str, show: bool = True,
+             seed: int = 0) -> LoadResult:
+    return asyncio.run(drive(target, specs, concurrency, desc, show, seed))
+
+
+def warm_up(target: Target, show: bool = False) -> None:
+    """A few requests first, so one-time costs (kernel compilation, graph capture, lazy imports) stay out of
+    the measured figures."""
+    rng = random.Random(12345)
+    run_load(target, fixed_requests(rng, target, 4, 16, 8), 4, "warm-up", show)
