@@ -167,9 +167,11 @@ def check_against_peft(device: torch.device, vocab: int) -> dict:
             key = pname.removeprefix("base_model.model.").split(".lora_")[0]
             ours_g = (w.a if ".lora_A." in pname else w.b)[key].grad
             worst = max(worst, ((ours_g - p.grad).norm() / (p.grad.norm() + 1e-12)).item())
+    scale = float(np.mean([np.abs(o["logprobs"]).mean() for o in ours.outputs]))
     del peft_model, model, trainer
-    return {"logprob_max_abs_diff": lp_diff, "grad_max_rel_err": worst,
-            "ok": lp_diff <= 2e-3 and worst <= 2e-3}
+    # random weights give logprobs of order -100 (tied N(0, 1) embeddings), hence a relative bound
+    return {"logprob_max_abs_diff": lp_diff, "logprob_mean_abs": scale, "grad_max_rel_err": worst,
+            "ok": lp_diff <= 1e-4 * scale and worst <= 1e-4}
 
 
 def check_packed_equals_alone(device: torch.device, vocab: int) -> dict:
@@ -195,8 +197,9 @@ def check_packed_equals_alone(device: torch.device, vocab: int) -> dict:
         alone.optim_step(r, HP)
     w_err = max(((x - y).norm() / y.norm()).item() for r, _ in reqs
                 for x, y in zip(packed._runs[r].weights.parameters(), alone._runs[r].weights.parameters()))
-    return {"logprob_max_abs_diff": float(lp_diff), "grad_max_rel_err": grad_err, "weights_max_rel_err": w_err,
-            "ok": lp_diff <= 1e-3 and grad_err <= 1e-3 and w_err <= 1e-5}
+    scale = float(np.mean([np.abs(o["logprobs"]).mean() for r in res for o in r.outputs]))
+    return {"logprob_max_abs_diff": float(lp_diff), "logprob_mean_abs": scale, "grad_max_rel_err": grad_err,
+            "weights_max_rel_err": w_err, "ok": lp_diff <= 1e-4 * scale and grad_err <= 1e-4 and w_err <= 1e-5}
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -227,6 +230,9 @@ def bench_ours(name: str, device: torch.device, vocab: int, seqs: int, seq_len: 
     out["single"] = {"s": t, "tok_s": tokens / t, "mfu": 4 * n_params * tokens / t / PEAK_FLOPS,
                      "peak_gb": peak_gb(device)}
 
+    if device.type == "cuda":
+        out["profile"] = profile(one_run)
+
     runs = [f"t{i}" for i in range(seqs)]
     for i, r in enumerate(runs):
         trainer.create(r, LoraSpec(rank=32), seed=i)
@@ -239,6 +245,8 @@ def bench_ours(name: str, device: torch.device, vocab: int, seqs: int, seq_len: 
     t = timed(many_runs, device, warmup=2, iters=iters)
     out["multi"] = {"s": t, "tok_s": tokens / t, "mfu": 4 * n_params * tokens / t / PEAK_FLOPS,
                     "peak_gb": peak_gb(device)}
+    if device.type == "cuda":
+        out["profile_multi"] = profile(many_runs)
 
     slots = LoraSlots(cfg, max_loras=2, max_lora_rank=32, dtype=torch.bfloat16, device=device)
 
@@ -251,6 +259,23 @@ def bench_ours(name: str, device: torch.device, vocab: int, seqs: int, seq_len: 
     out["snapshot_ms"] = t_snap * 1e3
     del trainer, model, slots
     return out
+
+
+def profile(step) -> dict:
+    """One profiled step: GPU-busy time against wall time (launch-bound or not) and the costliest kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    return {"wall_s": wall, "gpu_busy_s": busy, "kernels": sum(e.count for e in events),
+            "top": [(e.key[:70], round(e.self_device_time_total / 1e3, 2), e.count) for e in top]}
 
 
 def bench_peft(name: str, device: torch.device, vocab: int, seqs: int, seq_len: int, iters: int,
@@ -318,7 +343,7 @@ def main() -> int:
 
     for name in models:
         r: dict = {"ours": bench_ours(name, device, vocab, seqs, seq_len, args.iters)}
-        print(name, "ours", json.dumps(r["ours"]), flush=True)
+        print(name, "ours", json.dumps(r["ours"], indent=None), flush=True)
         peak_reset(device)
         if not args.no_peers:
             for peer, liger in (("peft", False), ("peft+liger", True)):
@@ -345,6 +370,11 @@ def main() -> int:
         for label, m in (("ours 1 run x 8x1024", o["single"]), ("ours 8 runs x 1x1024", o["multi"])):
             print(f"{name:14} {label:24} {m['tok_s']:9.0f} {m['mfu']:6.1%} {m['peak_gb']:8.1f}  {note}")
         print(f"{name:14} {'8 runs / 1 run':24} {o['multi']['tok_s'] / o['single']['tok_s']:9.1%}")
+        for key, label in (("profile", "profile 1 run"), ("profile_multi", "profile 8 runs")):
+            if key in o:
+                p = o[key]
+                print(f"{name:14} {label:24} wall {p['wall_s'] * 1e3:.0f} ms, GPU busy "
+                      f"{p['gpu_busy_s'] * 1e3:.0f} ms, {p['kernels']} kernels")
         print(f"{name:14} {'handoff (snap+slot)':24} {o['handoff_ms']:8.2f}ms  snapshot alone {o['snapshot_ms']:.2f} ms")
         for peer in ("peft", "peft+liger"):
             m = r.get(peer)

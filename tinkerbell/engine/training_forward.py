@@ -30,25 +30,32 @@ class TrainLora:
     """`ctx.lora` for training: rows [start, end) use their segment's adapter, computed in the activations'
     dtype (bf16 on GPU) with autograd flowing through the cast to the fp32 masters.
 
-    A segment that covers every row (one run's batch) adds its delta without any concatenation."""
+    A segment that covers every row (one run's batch) adds its delta with no concatenation. With several
+    segments, `stacked` (the GPU path) concatenates their A's along the rank (and B's to match) and runs two
+    matmuls for all of them, zeroing each row's product outside its own adapter's columns by a mask that also
+    carries each adapter's scale: a few launches whatever the number of runs, for Σ rank extra columns of work,
+    instead of a handful of small launches per run per module. Unstacked is the per-segment reference."""
 
-    def __init__(self, segments: list[LoraSegment]):
+    def __init__(self, segments: list[LoraSegment], stacked: bool = False):
         self.segments = [s for s in segments if s.weights is not None]
+        self.stacked = stacked and len(self.segments) > 1
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}
 
     def apply(self, key: str, x: torch.Tensor, out: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
         n = x.shape[0]
+        live = [i for i, seg in enumerate(self.segments) if key in seg.weights.a
+                and min(seg.end - row_offset, n) > max(seg.start - row_offset, 0)]
+        if not live:
+            return out
+        if self.stacked and len(live) > 1:
+            return self._apply_stacked(key, x, out, row_offset, live)
         parts: list[tuple[int, int, torch.Tensor]] = []
-        for seg in self.segments:
+        for i in live:
+            seg = self.segments[i]
             w = seg.weights
-            if key not in w.a:
-                continue
             s, e = max(seg.start - row_offset, 0), min(seg.end - row_offset, n)
-            if e <= s:
-                continue
             a, b = w.a[key].to(x.dtype), w.b[key].to(x.dtype)
             parts.append((s, e, (x[s:e] @ a.t()) @ b.t() * w.spec.scale))
-        if not parts:
-            return out
         if len(parts) == 1 and parts[0][0] == 0 and parts[0][1] == n:
             return out + parts[0][2].to(out.dtype)
         pieces, cursor = [], 0
@@ -60,6 +67,30 @@ class TrainLora:
         if cursor < n:
             pieces.append(pieces[-1].new_zeros(n - cursor, pieces[-1].shape[1]))
         return out + torch.cat(pieces).to(out.dtype)
+
+    def _apply_stacked(self, key: str, x: torch.Tensor, out: torch.Tensor, row_offset: int,
+                       live: list[int]) -> torch.Tensor:
+        segs = [self.segments[i] for i in live]
+        a = torch.cat([s.weights.a[key] for s in segs]).to(x.dtype)  # [Σr, in]
+        b = torch.cat([s.weights.b[key] for s in segs], dim=1).to(x.dtype)  # [out, Σr]
+        mask = self._mask(tuple(live), x.dtype, x.device)[row_offset:row_offset + x.shape[0]]
+        return out + (((x @ a.t()) * mask) @ b.t()).to(out.dtype)
+
+    def _mask(self, live: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[rows of the batch, Σ rank]: each adapter's scale on its own rows and columns, zero elsewhere."""
+        mask = self._masks.get(live)
+        if mask is None:
+            segs = [self.segments[i] for i in live]
+            rows = max(s.end for s in self.segments)
+            host = np.zeros((rows, sum(s.weights.spec.rank for s in segs)), np.float32)
+            col = 0
+            for s in segs:
+                r = s.weights.spec.rank
+                host[s.start:s.end, col:col + r] = s.weights.spec.scale
+                col += r
+            mask = torch.from_numpy(host).to(device=device, dtype=dtype)
+            self._masks[live] = mask
+        return mask
 
 
 class PackedAttention:
