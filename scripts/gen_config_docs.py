@@ -81,7 +81,13 @@ def render() -> str:
         helps = {a.dest: a for a in _options(p)}
         out.append(f"- `tinkerbell keys {name}`: " + _cell(_help_of(commands["keys"], name)) + ". Options: "
                    + "; ".join(f"{_flag(a)}: {_cell(a.help or '').rstrip('.')}" for a in helps.values()) + ".")
-    out += ["", "## Reserved commands", ""]
+    if "bench" in commands:
+        out += ["", "## `tinkerbell bench`", "", _cell(commands["bench"].description or ""), "",
+                "| flag | meaning |", "|---|---|"]
+        for a in _options(commands["bench"]):
+            out.append(f"| {_flag(a)} | {_cell(a.help or '')} |")
+    if NOT_YET:
+        out += ["", "## Reserved commands", ""]
     for name in NOT_YET:
         out.append(f"- `tinkerbell {name}`: {_cell(commands[name].description or '')}")
     out += [

@@ -80,7 +80,9 @@ def test_subprocess_exit_codes_name_the_flag():
     r = _run("tinkerbell", "serve", env={"VLLM_MAX_LORA_RANK": "0"})
     assert r.returncode == 2 and "--max-lora-rank" in r.stderr
     r = _run("tinkerbell", "bench", "--replica", "http://x:8001")
-    assert r.returncode == 2 and "not available in this build yet" in r.stderr
+    assert r.returncode == 2 and "--replica" in r.stderr  # bench exists now: an unknown flag is a usage error
+    r = _run("tinkerbell", "bench")
+    assert r.returncode == 2 and "--url" in r.stderr and "--model" in r.stderr
     r = _run("tinkerbell", "router")
     assert r.returncode == 2 and "--replica" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = _run("tinkerbell", "router", "--replica", "x:8001")

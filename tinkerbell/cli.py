@@ -32,9 +32,7 @@ from tinkerbell.config import (
 log = logging.getLogger("tinkerbell")
 
 # Subcommands the design reserves but this build does not ship yet.
-NOT_YET = {
-    "bench": "run the sampling / training / concurrency benchmarks",
-}
+NOT_YET: dict[str, str] = {}
 
 # (flags, dest, argparse kwargs, help) for `serve`; dest names match ServeConfig fields and ENV_ALIASES keys.
 SERVE_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
@@ -127,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     from tinkerbell.router.cli import add_parser as add_router_parser
 
     add_router_parser(sub)
+
+    from tinkerbell.bench.cli import add_parser as add_bench_parser  # argparse only; the scenarios load lazily
+
+    add_bench_parser(sub)
 
     for name, what in NOT_YET.items():
         sub.add_parser(name, help=f"{what} (not available in this build yet)",
@@ -256,6 +258,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _keys(args)
     if args.command == "router":
         return _router(args)
+    if args.command == "bench":
+        from tinkerbell.bench.cli import main as bench_main
+
+        return bench_main(args, sys.argv[1:] if argv is None else list(argv))
     return _fail(args.command, "not available in this build yet")
 
 
