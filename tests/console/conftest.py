@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +27,14 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 SHOTS = os.environ.get("TINKERBELL_SCREENSHOTS")
 
 
+def _png() -> bytes:
+    """A 1x1 PNG: enough for the browser to decode a plot."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00\x2f\x5d\x8a")) + chunk(b"IEND", b""))
+
+
 def _bench_reports(data_dir: Path) -> None:
     bench = data_dir / "bench"
     bench.mkdir(parents=True, exist_ok=True)
@@ -33,6 +43,13 @@ def _bench_reports(data_dir: Path) -> None:
         "results": [{"concurrency": 1, "tokens_per_s": 812.5, "p50_ms": 9.1},
                     {"concurrency": 8, "tokens_per_s": 3120.0, "p50_ms": 21.7}]}))
     (bench / "training.csv").write_text("batch_tokens,tokens_per_s\n1024,5400\n4096,9100\n")
+    # The layout `tinkerbell bench` writes: one folder per run with report.md, results.json and PNG plots.
+    run = bench / "20250101-000000"
+    run.mkdir()
+    (run / "report.md").write_text("# Benchmark report\n\n## sampling\n\n| concurrency | tokens/s |\n|---|---|\n"
+                                   "| 1 | 777 |\n\n![sampling](sampling.png)\n")
+    (run / "results.json").write_text(json.dumps({"scenarios": [{"name": "sampling", "status": "ok"}]}))
+    (run / "sampling.png").write_bytes(_png())
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +90,7 @@ class Tab:
         self.base = base
         self.context = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
         self.page = self.context.new_page()
-        self.page.set_default_timeout(20_000)
+        self.page.set_default_timeout(45_000)  # generous: CI shares 2 cores with the server
         self.errors: list[str] = []
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
         self.page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))

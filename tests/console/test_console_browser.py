@@ -200,6 +200,10 @@ def test_benchmarks_and_phone_width_and_keyboard(console_server, tab_factory) ->
     page = tab.goto("/console/bench")
     page.wait_for_selector("td:text('3,120')")
     page.wait_for_selector("td:text('9100')")
+    page.wait_for_selector(".md h2:text('Benchmark report')")
+    page.wait_for_selector(".md td:text('777')")
+    page.wait_for_function("() => { const i = document.querySelector('.md img.plotimg'); "
+                           "return i && i.src.startsWith('blob:') && i.complete && i.naturalWidth === 1; }")
     tab.shot("bench")
     for path in ("/console/runs", "/console/checkpoints", "/console/playground", "/console/live", "/console/bench"):
         page = tab.goto(path)
