@@ -107,7 +107,7 @@ class Peer:
         finally:
             # Give the plain base model back for later sampling runs, without the adapter layers.
             self._model = model.unload().eval()
-        return PeerTrain(batch, seq, steps, rank, dt, batch * seq * steps / dt, losses[1:])
+        return PeerTrain(batch, seq, steps, rank, dt, batch * seq * steps / dt, losses)  # step 1 (warm-up) too, like ours
 
     def close(self) -> None:
         self._model = None
