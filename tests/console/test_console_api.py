@@ -103,3 +103,8 @@ def test_merge_replicas_for_the_router() -> None:
                                {"name": "r2", "healthy": True, "view": row, "error": None}])
     assert doc["healthy"] == 2 and doc["total"] == 3
     assert doc["totals"]["running"] == 4 and doc["totals"]["tokens_sampled"] == 20
+    # What the router does with each replica's own /console/api/live answer:
+    rows = [live.replica_row("http://r0", True, doc), live.replica_row("http://r1", True, None, "timed out")]
+    merged = live.merge_replicas(rows)
+    assert merged["healthy"] == 1 and merged["replicas"][1]["error"] == "timed out"
+    assert merged["replicas"][0]["view"]["sequences"]["running"] == 2

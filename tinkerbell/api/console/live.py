@@ -129,6 +129,16 @@ def replica_view(stats: dict[str, Any], mem: dict[str, Any] | None, resident: li
     }
 
 
+def replica_row(name: str, healthy: bool, live_doc: dict[str, Any] | None = None,
+                error: str | None = None) -> dict[str, Any]:
+    """One row for `merge_replicas` from a replica's `GET /console/api/live` answer (None when it did not
+    answer: the row then says unhealthy, with `error`)."""
+    replicas = (live_doc or {}).get("replicas") or []
+    view = replicas[0].get("view") if replicas else None
+    return {"name": name, "healthy": bool(healthy and view is not None), "view": view,
+            "error": error if view is None else None}
+
+
 def merge_replicas(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The Live page's document from replica rows `{"name", "healthy": bool, "view": replica_view(...) | None,
     "error": str | None}`. The router calls this with one row per replica: `view` is `replicas[0].view` of that
