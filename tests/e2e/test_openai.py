@@ -123,3 +123,28 @@ def test_trained_checkpoint_as_model_by_path_and_by_name(llama_server):
     oa.post("/unload_lora_adapter", cast_to=object, body={"lora_name": "tinkerbell-e2e"})
     assert "tinkerbell-e2e" not in [m.id for m in oa.models.list().data]
     sc.close("success").result()
+
+
+def test_streamed_text_arrives_while_the_completion_is_generated(llama_server):
+    """Text streams token by token as the engine produces it (not the finished result chopped up afterwards),
+    a stop string is never streamed, and the chunks still add up to the non-streamed text."""
+    import time
+
+    oa = client(llama_server)
+    model = base_model(llama_server)
+    kw = dict(model=model, prompt="One, two, three", max_tokens=300, temperature=0, extra_body={"ignore_eos": True})
+    full = oa.completions.create(**kw).choices[0].text
+    t0 = time.perf_counter()
+    arrivals, parts = [], []
+    for c in oa.completions.create(stream=True, **kw):
+        if c.choices and c.choices[0].text:
+            arrivals.append(time.perf_counter() - t0)
+            parts.append(c.choices[0].text)
+    total = time.perf_counter() - t0
+    assert "".join(parts) == full
+    assert len(parts) > 10 and arrivals[0] < 0.5 * total, (arrivals[:3], total)
+
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = oa.completions.create(stop=[stop], **kw).choices[0].text
+    streamed = "".join(c.choices[0].text for c in oa.completions.create(stream=True, stop=[stop], **kw) if c.choices)
+    assert streamed == cut and stop not in streamed

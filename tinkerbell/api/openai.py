@@ -5,9 +5,10 @@ Handlers authenticate, validate the body (openai_schemas.py), call the service (
 its answer as OpenAI JSON. Every error under /v1 is OpenAI's `{"error": {"message", "type", "param", "code"}}`
 (the Tinker face keeps `{"detail": ...}`): bad input is a 4xx naming the field, never a 5xx.
 
-Streaming sends the finished result in chunks: the engine resolves a request as a whole, so the first content
-chunk leaves when the whole completion is done (the response headers, and for chat the role chunk, go out at
-once). Chunks are one token's text each and concatenate to exactly the non-streamed text. A client that
+Streaming: the response headers, and for chat the role chunk, go out at once. Without logprobs or echo, chunks
+carry text as the engine produces it (each token's arrival sends what is
+now certain, holding back what a stop string could still cut); with them, the finished completion goes out one
+token's text per chunk. Either way the chunks concatenate to exactly the non-streamed text. A client that
 disconnects, mid-stream or while a non-streamed request waits, cancels the engine job, which frees its KV blocks.
 """
 
@@ -276,13 +277,19 @@ class _Stream:
         return {"index": index, "text": content, "logprobs": lps, "finish_reason": finish}
 
     async def events(self) -> AsyncIterator[str]:
+        results: asyncio.Future[Completion] | None = None
         try:
             if self.kind == "chat":
                 for i in range(self.sub.options.n * len(self.sub.prompts)):
                     yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                        "logprobs": None, "finish_reason": None}])
+            sent: dict[int, str] = {}  # choice index -> text already streamed live
+            results = asyncio.ensure_future(self.s.completions.results(self.sub))
+            if self.sub.live is not None:
+                async for chunk in self._live(results, sent):
+                    yield chunk
             try:
-                done = await self.s.completions.results(self.sub)
+                done = await results
             except Exception as exc:  # noqa: BLE001 - the status line is gone: report the error in the stream
                 status, message, param, code = _error_parts(exc)
                 yield _sse({"error": {"message": message, "type": _TYPES.get(status, "server_error"),
@@ -290,16 +297,50 @@ class _Stream:
                 yield "data: [DONE]\n\n"
                 return
             for c in done.choices:
-                for p in self._choice_pieces(c):
+                for p in self._choice_pieces(c, sent.get(c.index, "")):
                     yield p
             if self.include_usage:
                 yield self.chunk([], usage=_usage(done))
             yield "data: [DONE]\n\n"
         finally:
             self.sub.cancel()  # a no-op once finished; frees the KV blocks of a request the client abandoned
+            if results is not None and not results.done():
+                results.cancel()
 
-    def _choice_pieces(self, c: Choice) -> list[str]:
+    async def _live(self, results: "asyncio.Future[Completion]", sent: dict[int, str]) -> AsyncIterator[str]:
+        """Text as the engine produces it: each token's arrival streams whatever text is now certain."""
+        live = self.sub.live
+        assert live is not None
+        n = self.sub.options.n
+        tokens: dict[int, list[int]] = {}
+        while not results.done():
+            getter = asyncio.ensure_future(live.get())
+            await asyncio.wait({getter, results}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            items = [getter.result()]
+            while not live.empty():
+                items.append(live.get_nowait())
+            for index, tok in items:
+                tokens.setdefault(index, []).append(tok)
+            for index in {i for i, _ in items}:
+                safe = self.s.completions.streamable_text(self.sub.prompts[index // n], tokens[index],
+                                                          self.sub.options)
+                done_text = sent.get(index, "")
+                if len(safe) > len(done_text) and safe.startswith(done_text):
+                    sent[index] = safe
+                    yield self.chunk([self.piece(index, safe[len(done_text):], None, None)])
+
+    def _choice_pieces(self, c: Choice, already: str = "") -> list[str]:
+        """The rest of a finished choice after the `already` streamed text, then its finish chunk."""
         out = []
+        if already:
+            rest = c.text[len(already):] if c.text.startswith(already) else c.text
+            if rest:
+                out.append(self.chunk([self.piece(c.index, rest, None, None)]))
+            out.append(self.chunk([self.piece(c.index, "", None, c.finish_reason)]))
+            return out
         if c.echo_pieces:
             out.append(self.chunk([self.piece(c.index, "".join(c.echo_pieces), None, None)]))
         lps = c.logprobs or [None] * len(c.pieces)  # type: ignore[list-item]
@@ -321,7 +362,7 @@ async def completions(request: Request) -> Response | dict[str, Any]:
     req: CompletionRequest = await _body(request, CompletionRequest)
     opts = req.sampling_options()
     key = await s.completions.resolve_model(tenant, req.model)
-    sub = s.completions.submit(s.completions.encode_prompts(req.prompt), opts, key)
+    sub = s.completions.submit(s.completions.encode_prompts(req.prompt), opts, key, stream=req.stream)
     if req.stream:
         return _stream_response(_Stream(request, s, sub, "completion", req.model, req.include_usage()))
     done = await _wait(request, s, sub)
@@ -339,7 +380,7 @@ async def chat_completions(request: Request) -> Response | dict[str, Any]:
     opts = req.sampling_options()
     key = await s.completions.resolve_model(tenant, req.model)
     prompt = s.completions.render_chat(req.template_messages(), req.chat_template_kwargs)
-    sub = s.completions.submit([prompt], opts, key)
+    sub = s.completions.submit([prompt], opts, key, stream=req.stream)
     if req.stream:
         return _stream_response(_Stream(request, s, sub, "chat", req.model, req.include_usage()))
     done = await _wait(request, s, sub)

@@ -91,6 +91,9 @@ class Submitted:
     options: SamplingOptions
     futures: list[Future]
     discard_output: bool  # echo with max_tokens=0: the engine ran one token we do not return
+    # Streaming: (choice index, token id) as the engine keeps each token; None when the stream is built from the
+    # finished result instead (echo or logprobs, whose chunks need the whole result).
+    live: "asyncio.Queue[tuple[int, int]] | None" = None
 
     def cancel(self) -> None:
         for f in self.futures:
@@ -180,7 +183,8 @@ class CompletionService:
                                                         f"tokens; ask for at most {room}")
         return opts.max_tokens
 
-    def submit(self, prompts: list[list[int]], opts: SamplingOptions, adapter_key: str | None) -> Submitted:
+    def submit(self, prompts: list[list[int]], opts: SamplingOptions, adapter_key: str | None,
+               stream: bool = False) -> Submitted:
         discard = opts.max_tokens == 0
         if discard and not opts.echo:
             raise param_error(BadRequest, "max_tokens", "must be at least 1 (0 only with echo, to score a prompt)")
@@ -199,6 +203,14 @@ class CompletionService:
                 stop_strings=list(opts.stop), stop_at_eos=not opts.ignore_eos, adapter_key=adapter_key,
                 prompt_logprobs=opts.echo and opts.logprobs is not None,
                 topk_prompt_logprobs=k if opts.echo else 0, topk_sample_logprobs=k, **opts.diffusion))
+        live: asyncio.Queue[tuple[int, int]] | None = None
+        if stream and opts.logprobs is None and not opts.echo:
+            live = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            for j, job in enumerate(jobs):
+                # Runs on the engine thread: hop onto the event loop.
+                job.on_token = (lambda i, tok, _lp, base=j * opts.n:
+                                loop.call_soon_threadsafe(live.put_nowait, (base + i, tok)))
         futures = []
         for job in jobs:
             self.samplers.samples_requested += job.num_samples
@@ -209,7 +221,7 @@ class CompletionService:
             fut.add_done_callback(lambda f, loop=asyncio.get_running_loop(): loop.call_soon_threadsafe(
                 self._settled, f))
             futures.append(fut)
-        return Submitted(prompts, opts, futures, discard)
+        return Submitted(prompts, opts, futures, discard, live)
 
     def _settled(self, fut: Future) -> None:
         self.samplers.in_flight -= 1
@@ -252,6 +264,18 @@ class CompletionService:
                 choice.echo_logprobs = echo_lps
                 choices.append(choice)
         return Completion(choices, sum(len(p) for p in sub.prompts), completion_tokens)
+
+    def streamable_text(self, prompt: list[int], tokens: list[int], opts: SamplingOptions) -> str:
+        """The text of a partial output that is certain to begin the final text: the last token's piece is left
+        out (it may hold bytes still waiting for their character), and so is anything from a stop string on, or
+        that a stop string still being completed could cut."""
+        pieces = text.token_pieces(self.tokenizer, prompt, tokens)
+        out = "".join(pieces[:-1])
+        hit = text.find_stop(out, opts.stop)
+        if hit is not None:
+            return out[: hit[0] + (len(hit[1]) if opts.include_stop else 0)]
+        hold = max((len(s) for s in opts.stop), default=1) - 1
+        return out[: len(out) - hold] if hold else out
 
     def _choice(self, index: int, prompt: list[int], seq: SampledSequence, opts: SamplingOptions) -> Choice:
         tok = self.tokenizer
