@@ -37,6 +37,9 @@ class Fakes:
         if path == "/api/v1/create_model":
             mid = f"{body['session_id']}:train:{body['model_seq_id']}"
             return httpx.Response(200, json={"request_id": f"req-{idx}-{self.n}", "model_id": mid})
+        if path == "/console/api/live":
+            view = {"sequences": {"running": idx + 1}, "queues": {}, "counters": {"tokens_sampled": 10}}
+            return httpx.Response(200, json={"replicas": [{"name": "local", "view": view}]})
         if path == "/add_lora":  # the original client API: the response names the adapter's new run
             return httpx.Response(200, json={"model_id": f"A{self.n}:train:0", "status": "ok"})
         if path in ("/api/v1/optim_step", "/api/v1/asample", "/fwdbwd"):
@@ -137,5 +140,17 @@ def test_a_run_created_through_the_original_api_sticks_to_its_replica():
         for _ in range(4):
             await c.post("/fwdbwd", json={"model_id": mid, "data": []})
             assert fakes.seen[-1][0] == owner
+
+    _run(test)
+
+
+def test_console_live_page_has_one_row_per_replica_and_marks_a_dead_one():
+    async def test(app: RouterApp, fakes: Fakes, c: httpx.AsyncClient) -> None:
+        doc = (await c.get("/console/api/live", headers={"X-API-Key": "tml-k"})).json()
+        assert doc["total"] == 2 and doc["healthy"] == 2 and doc["totals"]["running"] == 3
+        assert all(idx == 0 or idx == 1 for idx, path, _ in fakes.seen if path == "/console/api/live")
+        fakes.dead.add(1)
+        doc = (await c.get("/console/api/live", headers={"X-API-Key": "tml-k"})).json()
+        assert doc["healthy"] == 1 and doc["replicas"][1]["error"] and doc["totals"]["running"] == 1
 
     _run(test)

@@ -109,6 +109,9 @@ class RouterApp:
             return
         body = await _read_body(receive)
         headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if method == "GET" and path == "/console/api/live":
+            await self._console_live(headers, send)
+            return
         hmap = {k: v for k, v in headers}
         js = _maybe_json(method, hmap.get(b"content-type", b""), body)
         enc = hmap.get(b"content-encoding", b"").decode("latin-1") or None
@@ -138,6 +141,31 @@ class RouterApp:
                 body.update(healthy_workers=n, total_workers=len(self.pool.replicas),
                             models=sorted(self.pool.base_models))
             await _answer(send, *json_response(200 if n else 503, body))
+
+    async def _console_live(self, headers: list[tuple[bytes, bytes]], send: Send) -> None:
+        """The console's Live page behind the router: one row per replica. Each replica answers with the caller's
+        credentials, so each applies its own tenant filter; a replica that does not answer shows as down."""
+        from tinkerbell.api.console.live import merge_replicas, replica_row
+
+        assert self.client is not None
+        fwd = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
+
+        async def one(rep: Replica) -> dict[str, Any]:
+            if not rep.healthy:
+                return replica_row(rep.url, False, None, "replica is unhealthy")
+            try:
+                r = await self.client.send(self._request(rep, "GET", "/console/api/live", fwd, b"", False))
+            except httpx.HTTPError as e:
+                return replica_row(rep.url, False, None, f"{type(e).__name__}: {e}")
+            if r.status_code != 200:
+                return replica_row(rep.url, False, None, f"HTTP {r.status_code}: {r.text[:200]}")
+            return replica_row(rep.url, True, r.json())
+
+        rows = await asyncio.gather(*(one(rep) for rep in self.pool.replicas))
+        if rows and all(r["error"] and r["error"].startswith("HTTP 401") for r in rows):
+            await _answer(send, *json_response(401, {"detail": rows[0]["error"].split(": ", 1)[-1]}))
+            return
+        await _answer(send, *json_response(200, merge_replicas(list(rows))))
 
     def _request(self, rep: Replica, method: str, target: str, headers: list, body: bytes,
                  long_poll: bool) -> httpx.Request:
