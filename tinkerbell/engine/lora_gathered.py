@@ -32,4 +32,4 @@ class GatheredLora:
         a = self.slots.a.get(key)
         if a is None or self.tiles.rows.numel() == 0:
             return out
-        return lora_apply(x, out, a, self.slots.b[key], self.slots.scales, self.tiles)
+        return lora_apply(x, out, a, self.slots.b[key], self.slots.scales, self.tiles, self.slots.present[key])

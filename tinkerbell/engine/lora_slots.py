@@ -57,6 +57,10 @@ class LoraSlots:
                 fan_in, fan_out = module_shape(cfg, key)
                 self.a[key] = torch.zeros(max_loras, max_lora_rank, fan_in, dtype=dtype, device=self.device)
                 self.b[key] = torch.zeros(max_loras, fan_out, max_lora_rank, dtype=dtype, device=self.device)
+        # Whether each slot's adapter targets each module (int32, 0/1): the gathered kernels skip the rest, so a
+        # batch whose adapters leave lm_head alone never reads the lm_head slots.
+        self.present: dict[str, torch.Tensor] = {
+            key: torch.zeros(max_loras, dtype=torch.int32, device=self.device) for key in self.a}
         # alpha / rank of each slot's adapter, for the gathered kernels (which see all slots at once).
         self.scales = torch.zeros(max(max_loras, 1), dtype=torch.float32, device=self.device)
         self.slots = [_Slot() for _ in range(max_loras)]
@@ -172,6 +176,7 @@ class LoraSlots:
                 # Zero the whole slot first: a previous tenant may have had a larger rank or more targets.
                 self.a[k][slot].zero_()
                 self.b[k][slot].zero_()
+                self.present[k][slot] = int(k in weights.a)
                 if k not in weights.a:
                     continue
                 self.a[k][slot, :rank].copy_(weights.a[k])

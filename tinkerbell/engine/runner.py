@@ -91,24 +91,28 @@ class ModelRunner:
     def _alloc_static(self) -> None:
         n, dev = GRAPH_BUCKETS[-1], self.device
         width = -(-self.max_context // self.kv.block_size)
-        self._ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self._pos = torch.zeros(n, dtype=torch.long, device=dev)
-        self._slot_map = torch.zeros(n, dtype=torch.long, device=dev)
+        # ids, positions, cache slots and context lengths of every row: one host→device copy per step.
+        self._rowdata = torch.zeros(4, n, dtype=torch.long, device=dev)
+        self._ids, self._pos, self._slot_map, self._tok_ctx = self._rowdata.unbind(0)
+        # Padding rows read entry 0 of their table row (context 1) and discard the result, so any block id
+        # works there: stale ids of earlier steps are fine and tables are never reset.
         self._tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
         self._tok_seq = torch.arange(n, dtype=torch.int32, device=dev)
-        self._tok_ctx = torch.ones(n, dtype=torch.int32, device=dev)
         self._rows = torch.zeros(n, dtype=torch.int32, device=dev)
         self._tiles = torch.zeros(3, max_tiles(n, max(self.lora.max_loras, 1)), dtype=torch.int32, device=dev)
         self._pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
 
     def _pad(self) -> None:
         """Every static row a harmless padding row (scratch block, context 1, no adapter)."""
-        self._ids.zero_()
-        self._pos.zero_()
-        self._slot_map.fill_(self.kv.scratch_block * self.kv.block_size)
-        self._tables.fill_(self.kv.scratch_block)
-        self._tok_ctx.fill_(1)
+        self._rowdata.copy_(torch.from_numpy(self._host_rows([], [], [], [], GRAPH_BUCKETS[-1])))
         self._tiles.zero_()
+
+    def _host_rows(self, ids: list[int], pos: list[int], slots: list[int], ctx: list[int], bucket: int) -> np.ndarray:
+        b = len(ids)
+        rows = np.empty((4, bucket), dtype=np.int64)
+        rows[:, :b] = (ids, pos, slots, ctx)
+        rows[:, b:] = np.array([0, 0, self.kv.scratch_block * self.kv.block_size, 1])[:, None]
+        return rows
 
     def _body(self, bucket: int, with_lora: bool) -> torch.Tensor:
         nt = max_tiles(bucket, max(self.lora.max_loras, 1))
@@ -142,18 +146,14 @@ class ModelRunner:
         key = (bucket, with_lora)
         if key not in self._graphs:
             self._graphs[key] = self._capture(bucket, with_lora)
-        self._pad()
         width = max(len(s.block_table) for s in plan.spans)
         tables = np.zeros((b, width), dtype=np.int32)
+        ctx = [s.context_len for s in plan.spans]
         for i, s in enumerate(plan.spans):
             tables[i, :len(s.block_table)] = s.block_table
-        longs = torch.tensor([plan.ids, [s.context_len - 1 for s in plan.spans], plan.slots], dtype=torch.long)
-        self._ids[:b].copy_(longs[0], non_blocking=True)
-        self._pos[:b].copy_(longs[1], non_blocking=True)
-        self._slot_map[:b].copy_(longs[2], non_blocking=True)
+        host = self._host_rows(plan.ids, [c - 1 for c in ctx], plan.slots, ctx, bucket)
+        self._rowdata[:, :bucket].copy_(torch.from_numpy(host), non_blocking=True)
         self._tables[:b, :width].copy_(torch.from_numpy(tables), non_blocking=True)
-        self._tok_ctx[:b].copy_(torch.tensor([s.context_len for s in plan.spans], dtype=torch.int32),
-                                non_blocking=True)
         if with_lora:
             rows, tiles = plan_tiles(np.asarray(plan.token_lora), num_tiles=max_tiles(bucket, self.lora.max_loras))
             self._rows[:len(rows)].copy_(torch.from_numpy(rows), non_blocking=True)

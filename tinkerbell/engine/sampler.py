@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
@@ -77,6 +78,9 @@ class Sampler:
             model.fuse_projections()
             self.runner = ModelRunner(model, self.kv, self.lora, self.device, max_context, cuda_graphs)
         self._groups: dict[int, SequenceGroup] = {}
+        # Request ids whose futures were cancelled (appended from the cancelling thread; deque appends are
+        # atomic), so a step looks only at those instead of polling every live future.
+        self._cancelled: deque[int] = deque()
         self._ids = itertools.count()
         self._counters = {"requests_finished": 0, "requests_failed": 0, "tokens_generated": 0,
                           "tokens_computed": 0, "prefix_cache_hit_tokens": 0, "steps": 0}
@@ -115,6 +119,8 @@ class Sampler:
             group.topk_prompt_ids, group.topk_prompt_logprobs = sampling.empty_topk(p, job.topk_prompt_logprobs)
         group.seqs.append(self._new_seq(group, 0, prompt))
         self._groups[group.request_id] = group
+        rid = group.request_id
+        fut.add_done_callback(lambda f: self._cancelled.append(rid) if f.cancelled() else None)
         self.scheduler.add(group.seqs[0])
 
     def _new_seq(self, group: SequenceGroup, index: int, tokens: list[int]) -> Sequence:
@@ -372,9 +378,10 @@ class Sampler:
         _resolve(group.future, exc=exc)
 
     def _reap_cancelled(self) -> None:
-        for group in [g for g in self._groups.values() if g.future.cancelled()]:
-            self.scheduler.abort(group)
-            del self._groups[group.request_id]
+        while self._cancelled:
+            group = self._groups.pop(self._cancelled.popleft(), None)
+            if group is not None:
+                self.scheduler.abort(group)
 
     def fail_all(self, exc: BaseException) -> None:
         """Fail every pending request and return to an empty state (all blocks free, no slot pinned). The

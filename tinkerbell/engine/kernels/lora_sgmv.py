@@ -57,24 +57,29 @@ def plan_tiles(row_slots: np.ndarray, num_tiles: int | None = None) -> tuple[np.
 
 
 def lora_apply(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor,
-               tiles: LoraTiles) -> torch.Tensor:
+               tiles: LoraTiles, present: torch.Tensor | None = None) -> torch.Tensor:
     """out[r] += scale[s] · (x[r] · A[s]ᵀ) · B[s]ᵀ for every planned row r of slot s, in place; returns out.
 
-    x [T, in]; out [T, out] (may be a column slice of a wider tensor); a [S, R, in]; b [S, out, R]."""
+    x [T, in]; out [T, out] (may be a column slice of a wider tensor); a [S, R, in]; b [S, out, R];
+    present [S] int32 (optional): 0 for slots whose adapter does not target this module, whose tiles are
+    skipped (their weights are zeros, so skipping changes nothing but the bytes read: an lm_head B is 8 MB)."""
+    if present is None:
+        present = torch.ones(a.shape[0], dtype=torch.int32, device=a.device)
     if use_triton(x) and a.shape[1] >= 16:
         from tinkerbell.engine.kernels._lora_sgmv_triton import expand, shrink
 
-        y = shrink(x, a, tiles)
-        expand(y, b, scales, out, tiles)
+        y = shrink(x, a, tiles, present)
+        expand(y, b, scales, out, tiles, present)
         return out
-    return lora_apply_torch(x, out, a, b, scales, tiles)
+    return lora_apply_torch(x, out, a, b, scales, tiles, present)
 
 
 def lora_apply_torch(x: torch.Tensor, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scales: torch.Tensor,
-                     tiles: LoraTiles) -> torch.Tensor:
+                     tiles: LoraTiles, present: torch.Tensor | None = None) -> torch.Tensor:
+    skip = set() if present is None else {i for i, p in enumerate(present.tolist()) if p == 0}
     plan = zip(tiles.tile_slot.tolist(), tiles.tile_start.tolist(), tiles.tile_len.tolist())
     for slot, start, n in plan:
-        if n == 0:
+        if n == 0 or slot in skip:
             continue
         rows = tiles.rows[start:start + n].long()
         delta = (x[rows].to(a.dtype) @ a[slot].t()) @ b[slot].t() * scales[slot].to(a.dtype)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinkerbell.engine.batch import BatchContext
+from tinkerbell.engine.kernels.fused_layer import add_rmsnorm, rope_cache_write, silu_mul
 from tinkerbell.engine.kernels.paged_attention import paged_attention
 from tinkerbell.engine.models.config import ModelConfig
 
@@ -87,10 +88,18 @@ class Attention(nn.Module):
         v = _lora(ctx, p + "v_proj", x, v).view(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        c, s = cos[:, None, :], sin[:, None, :]
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
-        attn = attend(q, k, v, ctx, self.layer_idx)
+        cache = ctx.kv_cache
+        if ctx.attn is not None and cache is not None:
+            # Fast path: RoPE and the cache write in one launch, then paged attention over the cache.
+            assert ctx.slot_mapping is not None
+            layer = self.layer_idx
+            q = rope_cache_write(q, k, v, cos, sin, cache.k[layer], cache.v[layer], ctx.slot_mapping)
+            attn = paged_attention(q, cache.k[layer], cache.v[layer], ctx.attn, cache.block_size)
+        else:
+            c, s = cos[:, None, :], sin[:, None, :]
+            q = q * c + rotate_half(q) * s
+            k = k * c + rotate_half(k) * s
+            attn = attend(q, k, v, ctx, self.layer_idx)
         o = attn.reshape(t, cfg.num_heads * cfg.head_dim)
         return _lora(ctx, p + "o_proj", o, self.o_proj(o))
 
@@ -142,12 +151,19 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         p = self.prefix
         if self.gate_up is not None:
-            g, u = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+            gu = F.linear(x, *self.gate_up)
+            g, u = gu.chunk(2, dim=-1)
         else:
-            g, u = self.gate_proj(x), self.up_proj(x)
-        g = _lora(ctx, p + "gate_proj", x, g)
-        u = _lora(ctx, p + "up_proj", x, u)
-        h = F.silu(g) * u
+            gu, (g, u) = None, (self.gate_proj(x), self.up_proj(x))
+        g2 = _lora(ctx, p + "gate_proj", x, g)
+        u2 = _lora(ctx, p + "up_proj", x, u)
+        # The fused activation reads [g | u] back from the fused output: valid when LoRA added in place (the
+        # gathered kernels do; the segment loop returns new tensors).
+        if gu is not None and ctx.attn is not None and g2 is g and u2 is u:
+            h = silu_mul(gu)
+        else:
+            g, u = g2, u2
+            h = F.silu(g) * u
         return _lora(ctx, p + "down_proj", h, self.down_proj(h))
 
 
@@ -202,12 +218,29 @@ class CausalLM(nn.Module):
         """Final-norm hidden states [T, hidden] of the packed batch (logits are left to the caller)."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(ctx.positions(input_ids.device), x.dtype)
+        if ctx.attn is not None and not torch.is_grad_enabled():
+            return self._fused_hidden_states(x, cos, sin, ctx)
         for layer in self.model.layers:
             if checkpoint_layers and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, ctx)
         return self.model.norm(x)
+
+    def _fused_hidden_states(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             ctx: BatchContext) -> torch.Tensor:
+        """The sampler's fast path: each residual add fused into the RMSNorm that follows it (same function
+        as the layer loop above, fewer launches)."""
+        residual = None
+        for layer in self.model.layers:
+            norm = layer.input_layernorm
+            h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
+            x = layer.self_attn(h, cos, sin, ctx)
+            norm = layer.post_attention_layernorm
+            h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
+            x = layer.mlp(h, ctx)
+        norm = self.model.norm
+        return add_rmsnorm(x, residual, norm.weight, norm.eps)[0]
 
     def logits(self, hidden: torch.Tensor, ctx: BatchContext | None = None, row_offset: int = 0) -> torch.Tensor:
         """Logits of rows of `hidden` (rows start at `row_offset` of the batch, for LoRA on the head)."""

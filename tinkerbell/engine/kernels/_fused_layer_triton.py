@@ -1,0 +1,109 @@
+"""Triton kernels behind kernels/fused_layer.py (imported only where Triton is). Each rounds to the model dtype
+where the torch form does, so bf16 outputs match it to the last bit in most elements."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_r, stride_o,
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        # The sum is rounded to the model dtype, as `residual + x` in the model dtype is.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+    h = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    y = (h * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    t, n = x.shape
+    out = torch.empty(t, n, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    if t:
+        res = x if residual is None else residual
+        _add_rmsnorm_kernel[(t,)](x, res, weight, out, n, eps, x.stride(0), res.stride(0), out.stride(0),
+                                  HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n),
+                                  num_warps=8 if n >= 4096 else 4)
+    return out, (x if residual is None else residual)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, qo_ptr,
+                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
+                 stride_cs, stride_ch, stride_ot, stride_oh,
+                 H: tl.constexpr, KVH: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, HALF: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, HALF)
+    c = tl.load(cos_ptr + t * stride_ct + i).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_ct + i).to(tl.float32)
+    h = tl.arange(0, HP)
+    hm = (h < H)[:, None]
+    q1 = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + i[None, :], mask=hm, other=0.0).to(tl.float32)
+    q2 = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + HALF + i[None, :], mask=hm, other=0.0).to(tl.float32)
+    qo = qo_ptr + t * stride_ot + h[:, None] * stride_oh + i[None, :]
+    tl.store(qo, (q1 * c[None, :] - q2 * s[None, :]).to(qo_ptr.dtype.element_ty), mask=hm)
+    tl.store(qo + HALF, (q2 * c[None, :] + q1 * s[None, :]).to(qo_ptr.dtype.element_ty), mask=hm)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    kh = tl.arange(0, KP)
+    km = (kh < KVH)[:, None]
+    k1 = tl.load(k_ptr + t * stride_kt + kh[:, None] * stride_kh + i[None, :], mask=km, other=0.0).to(tl.float32)
+    k2 = tl.load(k_ptr + t * stride_kt + kh[:, None] * stride_kh + HALF + i[None, :], mask=km, other=0.0).to(tl.float32)
+    ko = kc_ptr + slot * stride_cs + kh[:, None] * stride_ch + i[None, :]
+    tl.store(ko, (k1 * c[None, :] - k2 * s[None, :]).to(kc_ptr.dtype.element_ty), mask=km)
+    tl.store(ko + HALF, (k2 * c[None, :] + k1 * s[None, :]).to(kc_ptr.dtype.element_ty), mask=km)
+    d = tl.arange(0, 2 * HALF)
+    v = tl.load(v_ptr + t * stride_vt + kh[:, None] * stride_vh + d[None, :], mask=km, other=0.0)
+    tl.store(vc_ptr + slot * stride_cs + kh[:, None] * stride_ch + d[None, :], v.to(vc_ptr.dtype.element_ty),
+             mask=km)
+
+
+def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    t, h, d = q.shape
+    kvh = k.shape[1]
+    out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
+    assert k_cache.stride() == v_cache.stride() and cos.stride() == sin.stride()
+    assert d & (d - 1) == 0, "head_dim must be a power of two for the Triton RoPE path"
+    if t:
+        _rope_kernel[(t,)](q, k, v, cos, sin, k_cache, v_cache, slot_mapping, out,
+                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                           cos.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
+                           H=h, KVH=kvh, HP=triton.next_power_of_2(h), KP=triton.next_power_of_2(kvh),
+                           HALF=d // 2, num_warps=4)
+    return out
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, N, stride_g, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(gu_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_g + N + cols, mask=mask, other=0.0)
+    # F.silu rounds to the model dtype before the product, as here.
+    a = (g / (1.0 + tl.exp(-g))).to(gu_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, (a.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    t, n2 = gate_up.shape
+    n = n2 // 2
+    out = torch.empty(t, n, dtype=gate_up.dtype, device=gate_up.device)
+    if t:
+        block = 1024
+        _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0), out.stride(0),
+                                                     BLOCK=block, num_warps=4)
+    return out
