@@ -77,11 +77,23 @@ def test_sigkill_mid_training_and_sampling_loses_nothing_that_returned(tiny_llam
         srv.stop()
 
 
-async def _wave(url: str, sampler: str, start: int, n: int) -> tuple[int, int]:
-    """n concurrent asample submissions; returns (accepted and finished, refused with 429)."""
+async def _wave(url: str, sampler: str, model: str, start: int, n: int) -> tuple[int, int]:
+    """n concurrent requests, alternately Tinker asample and OpenAI /v1/completions; returns (accepted and
+    finished, refused with 429)."""
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(base_url=url, headers=H, limits=limits, timeout=120) as c:
+        async def openai_one(i: int) -> str:
+            r = await c.post("/v1/completions", headers={"Authorization": f"Bearer {KEY_ALICE}"},
+                             json={"model": model, "prompt": [5, 6, 7], "max_tokens": 2, "seed": start + i})
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["message"]
+                return "refused"
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+            return "ok"
+
         async def one(i: int) -> str:
+            if i % 2:  # half the load through the OpenAI face, half through the Tinker face
+                return await openai_one(i)
             r = await c.post("/api/v1/asample", json=_sample_body(sampler, start + i, 2))
             if r.status_code == 429:
                 assert int(r.headers["retry-after"]) >= 1 and r.json()["detail"]
@@ -108,7 +120,7 @@ def test_1000_concurrent_requests_finish_or_are_refused_and_memory_stays_bounded
         proc = psutil.Process(srv.proc.pid)
         rss = []
         for wave in range(3):
-            ok, refused = asyncio.run(_wave(srv.url, sampler, wave * 1000, 1000))
+            ok, refused = asyncio.run(_wave(srv.url, sampler, str(tiny_llama_dir), wave * 1000, 1000))
             assert ok + refused == 1000 and ok >= 150, (ok, refused)  # nothing dropped silently
             rss.append(proc.memory_info().rss)
         stats = httpx.get(srv.url + "/stats").json()
