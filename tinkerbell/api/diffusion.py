@@ -38,7 +38,10 @@ async def algorithms(request: Request) -> dict[str, Any]:
 
 @router.get("/batch/stats")
 async def batch_stats(request: Request) -> dict[str, Any]:
-    stats = _sampler(request).stats()
+    sampler = _sampler(request)
+    if sampler is None:  # an engine without a sampler of its own (an embedder's): its overall stats
+        return request.app.state.services.engine.stats()
+    stats = sampler.stats()
     keys = ("max_batch_size", "max_wait_time", "pending_requests", "batches_run", "mean_batch_size",
             "batch_size_histogram", "running_seqs", "waiting_seqs", "algorithm")
     return {k: stats.get(k) for k in keys if k in stats} if _is_diffusion(request) else stats
