@@ -34,7 +34,7 @@ from tinkerbell.api.schemas import format_loc, load_json
 from tinkerbell.api.tinker import Services, read_body
 from tinkerbell.service.errors import ServiceError
 from tinkerbell.service.openai_adapters import AdapterRegistry
-from tinkerbell.service.openai_completions import (Choice, Completion, CompletionService, Submitted,
+from tinkerbell.service.openai_completions import (Choice, Completion, CompletionService, LiveText, Submitted,
                                                    TokenLogprob)
 
 log = logging.getLogger("tinkerbell.openai")
@@ -312,7 +312,7 @@ class _Stream:
         live = self.sub.live
         assert live is not None
         n = self.sub.options.n
-        tokens: dict[int, list[int]] = {}
+        texts: dict[int, LiveText] = {}
         while not results.done():
             getter = asyncio.ensure_future(live.get())
             await asyncio.wait({getter, results}, return_when=asyncio.FIRST_COMPLETED)
@@ -323,10 +323,11 @@ class _Stream:
             while not live.empty():
                 items.append(live.get_nowait())
             for index, tok in items:
-                tokens.setdefault(index, []).append(tok)
+                if index not in texts:
+                    texts[index] = self.s.completions.live_text(self.sub.prompts[index // n], self.sub.options)
+                texts[index].add(tok)
             for index in {i for i, _ in items}:
-                safe = self.s.completions.streamable_text(self.sub.prompts[index // n], tokens[index],
-                                                          self.sub.options)
+                safe = texts[index].certain()
                 done_text = sent.get(index, "")
                 if len(safe) > len(done_text) and safe.startswith(done_text):
                     sent[index] = safe

@@ -100,6 +100,25 @@ class Submitted:
             f.cancel()
 
 
+class LiveText:
+    """One choice's text as its tokens arrive, and how much of it is certain to begin the final text: not what a
+    stop string still being completed could cut, nor anything from a stop string on."""
+
+    def __init__(self, decoder: text.PieceDecoder, opts: SamplingOptions):
+        self.decoder, self.opts = decoder, opts
+        self.text = ""  # pieces so far; bytes still waiting for their character are not in it yet
+
+    def add(self, token: int) -> None:
+        self.text += self.decoder.add(token)
+
+    def certain(self) -> str:
+        hit = text.find_stop(self.text, self.opts.stop)
+        if hit is not None:
+            return self.text[: hit[0] + (len(hit[1]) if self.opts.include_stop else 0)]
+        hold = max((len(s) for s in self.opts.stop), default=1) - 1
+        return self.text[: len(self.text) - hold] if hold else self.text
+
+
 class CompletionService:
     def __init__(self, engine: "Engine", samplers: SamplerManager, adapters: AdapterRegistry, model_name: str):
         self.engine, self.samplers, self.adapters = engine, samplers, adapters
@@ -265,17 +284,8 @@ class CompletionService:
                 choices.append(choice)
         return Completion(choices, sum(len(p) for p in sub.prompts), completion_tokens)
 
-    def streamable_text(self, prompt: list[int], tokens: list[int], opts: SamplingOptions) -> str:
-        """The text of a partial output that is certain to begin the final text: the last token's piece is left
-        out (it may hold bytes still waiting for their character), and so is anything from a stop string on, or
-        that a stop string still being completed could cut."""
-        pieces = text.token_pieces(self.tokenizer, prompt, tokens)
-        out = "".join(pieces[:-1])
-        hit = text.find_stop(out, opts.stop)
-        if hit is not None:
-            return out[: hit[0] + (len(hit[1]) if opts.include_stop else 0)]
-        hold = max((len(s) for s in opts.stop), default=1) - 1
-        return out[: len(out) - hold] if hold else out
+    def live_text(self, prompt: list[int], opts: SamplingOptions) -> "LiveText":
+        return LiveText(text.PieceDecoder(self.tokenizer, prompt), opts)
 
     def _choice(self, index: int, prompt: list[int], seq: SampledSequence, opts: SamplingOptions) -> Choice:
         tok = self.tokenizer

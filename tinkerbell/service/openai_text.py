@@ -25,22 +25,39 @@ def decode(tok: Tokenizer, ids: Sequence[int]) -> str:
     return tok.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def token_pieces(tok: Tokenizer, context: Sequence[int], output: Sequence[int]) -> list[str]:
-    """The text each of `output`'s tokens adds after `context`; ''.join(result) is the output's text."""
-    ids = list(context[-_CONTEXT_TOKENS:]) + list(output)
-    prefix, read = 0, len(ids) - len(output)
-    pieces: list[str] = []
-    for end in range(read + 1, len(ids) + 1):
-        before = decode(tok, ids[prefix:read])
-        now = decode(tok, ids[prefix:end])
+class PieceDecoder:
+    """Incremental form of `token_pieces`: `add` returns the text one more token adds, in O(window) time, so a
+    stream can follow a long output without re-decoding it from the start at every token."""
+
+    def __init__(self, tok: Tokenizer, context: Sequence[int]):
+        self.tok = tok
+        self.ids = list(context[-_CONTEXT_TOKENS:])
+        self.prefix, self.read = 0, len(self.ids)
+
+    def add(self, token: int) -> str:
+        self.ids.append(int(token))
+        end = len(self.ids)
+        before = decode(self.tok, self.ids[self.prefix:self.read])
+        now = decode(self.tok, self.ids[self.prefix:end])
         # A trailing U+FFFD is an incomplete UTF-8 sequence: wait for the token that completes it.
         if len(now) > len(before) and not now.endswith("\ufffd"):
-            pieces.append(now[len(before):])
-            prefix, read = read, end
-        else:
-            pieces.append("")
-    if pieces and read < len(ids):  # bytes that never formed a character: flush what they decode to
-        pieces[-1] += decode(tok, ids[prefix:])[len(decode(tok, ids[prefix:read])):]
+            self.prefix, self.read = self.read, end
+            return now[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """What bytes that never formed a character decode to (at the end of an output)."""
+        if self.read >= len(self.ids):
+            return ""
+        return decode(self.tok, self.ids[self.prefix:])[len(decode(self.tok, self.ids[self.prefix:self.read])):]
+
+
+def token_pieces(tok: Tokenizer, context: Sequence[int], output: Sequence[int]) -> list[str]:
+    """The text each of `output`'s tokens adds after `context`; ''.join(result) is the output's text."""
+    d = PieceDecoder(tok, context)
+    pieces = [d.add(t) for t in output]
+    if pieces:
+        pieces[-1] += d.flush()
     return pieces
 
 
