@@ -74,3 +74,38 @@ def test_published_adapter_changes_samples_without_disk(engine):
     assert tuned == [int(t) for t in d.inputs["target_tokens"][2:7]]
     base = engine.sample(SampleJob(prompt=prompt, max_tokens=5, temperature=0.0, stop_at_eos=False)).result()
     assert base.sequences[0].tokens != tuned
+
+
+def test_a_run_with_a_long_queue_does_not_hold_up_another_run(engine, monkeypatch):
+    import tinkerbell.engine.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_PACKED_TRAIN_TOKENS", 32)  # 4 requests of 8 tokens per batch
+    for run in ("busy", "quiet"):
+        engine.create_adapter(run, LoraSpec(rank=4), seed=0).result()
+    gate = threading.Event()
+    engine._call(lambda: gate.wait(10))
+    order: list[str] = []
+    busy = [engine.forward_backward("busy", [_datum(i)], "cross_entropy", {}, False) for i in range(12)]
+    quiet = engine.forward_backward("quiet", [_datum(99)], "cross_entropy", {}, False)
+    for i, f in enumerate(busy):
+        f.add_done_callback(lambda _f, i=i: order.append(f"busy{i}"))
+    quiet.add_done_callback(lambda _f: order.append("quiet"))
+    gate.set()
+    quiet.result()
+    for f in busy:
+        f.result()
+    # The quiet run's one request shares the first batch instead of waiting behind twelve.
+    assert order.index("quiet") <= 2, order
+    # Each run's own requests still run in order.
+    assert [o for o in order if o.startswith("busy")] == [f"busy{i}" for i in range(12)]
+
+
+def test_a_runs_optim_step_waits_for_its_earlier_forward_backward(engine):
+    engine.create_adapter("ordered", LoraSpec(rank=4), seed=0).result()
+    d = _datum(7)
+    before = engine.forward_backward("ordered", [d], "cross_entropy", {}, True).result().metrics["loss:sum"]
+    fb = engine.forward_backward("ordered", [d], "cross_entropy", {}, False)
+    step = engine.optim_step("ordered", AdamParams(learning_rate=5e-2))
+    after = engine.forward_backward("ordered", [d], "cross_entropy", {}, True)
+    fb.result(), step.result()
+    assert after.result().metrics["loss:sum"] < before  # the step used fb's gradient and ran before `after`

@@ -139,9 +139,9 @@ class Compat:
         rid = runs.submit(tenant, model_id, row["next_seq"], "save_weights_for_sampler",
                           lambda: runs.ephemeral_sampler_op(tenant, model_id, seq))
         sampler_id = f"{row['session_id']}:sample:{seq}"
-        if self.s.store.get_sampler(sampler_id) is None:
-            # Not started at once (a request ahead of it is still waiting): wait for it to report.
-            await self.result(tenant, rid)
+        # Wait for the handoff itself: the engine runs a run's jobs in its own queue, so a sample submitted now
+        # could otherwise reach the sampler before the weights do.
+        await self.result(tenant, rid)
         after = self.s.store.get_run(model_id) or row
         self.published[model_id] = (after["next_seq"], sampler_id)
         return sampler_id

@@ -28,7 +28,8 @@ from tinkerbell.engine.types import AdamParams, ForwardBackwardResult, SampleJob
 
 log = logging.getLogger("tinkerbell.engine")
 
-# Consecutive forward/backward jobs (of any runs) are packed into one batch up to this many tokens.
+# Forward/backward jobs (of any runs) are packed into one batch up to this many tokens; when several runs are
+# waiting, each gets an equal share of a batch (at least one request), so no run waits behind another's queue.
 MAX_PACKED_TRAIN_TOKENS = 16384
 # GPU memory left free beside the KV cache for CUDA-graph buffers (≈130 MB of logits per 256-row bucket at 128k vocab).
 GRAPH_RESERVE_BYTES = 2 * 2**30
@@ -40,6 +41,7 @@ class _Job:
     fut: Future
     # For forward/backward jobs: (run_id, data, loss_fn, loss_config, forward_only), so the loop can pack them.
     fwdbwd: tuple | None = None
+    run: str | None = None  # the training run whose order this job keeps (None: a sampler/control job)
 
     @property
     def tokens(self) -> int:
@@ -107,7 +109,10 @@ class Engine:
             eos_token_ids=self.eos_token_ids(),
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
         )
+        # Jobs of no run (sampler admission, adapter registration) run first, in arrival order; each training
+        # run has its own queue, kept in order, and runs take turns (insertion order = rotation order).
         self._jobs: deque[_Job] = deque()
+        self._runs: dict[str, deque[_Job]] = {}
         self._wake = threading.Condition()
         self._train_batches = 0  # packed forward/backward passes run (one may serve many requests)
         self._stop = threading.Event()
@@ -152,28 +157,49 @@ class Engine:
 
     def _enqueue(self, job: _Job) -> Future:
         with self._wake:
-            self._jobs.append(job)
+            if job.run is None:
+                self._jobs.append(job)
+            else:
+                self._runs.setdefault(job.run, deque()).append(job)
             self._wake.notify()
         return job.fut
 
-    def _call(self, fn: Callable[[], Any]) -> Future:
-        return self._enqueue(_Job(fn, Future()))
+    def _call(self, fn: Callable[[], Any], run: str | None = None) -> Future:
+        return self._enqueue(_Job(fn, Future(), run=run))
 
     def _next_jobs(self) -> list[_Job]:
-        """The next job, or the run of consecutive forward/backward jobs at the head of the queue (packed)."""
+        """The next job: a control job, or the next run's non-packable job, or a packed forward/backward batch
+        taking an equal share of tokens from every run whose queue starts with forward/backward work."""
         with self._wake:
-            if not self._jobs and not self.sampler.has_work():
+            if not self._jobs and not self._runs and not self.sampler.has_work():
                 self._wake.wait(timeout=0.05)
-            if not self._jobs:
+            if self._jobs:
+                return [self._jobs.popleft()]
+            if not self._runs:
                 return []
-            first = self._jobs.popleft()
-            batch, tokens = [first], first.tokens
-            while first.fwdbwd and self._jobs and self._jobs[0].fwdbwd:
-                if tokens + self._jobs[0].tokens > MAX_PACKED_TRAIN_TOKENS:
-                    break
-                nxt = self._jobs.popleft()
-                batch.append(nxt)
-                tokens += nxt.tokens
+            first = next(iter(self._runs))
+            if self._runs[first][0].fwdbwd is None:  # optim_step, save, ...: alone, in its run's order
+                batch = [self._runs[first].popleft()]
+            else:
+                ready = [r for r, q in self._runs.items() if q[0].fwdbwd is not None]
+                share = MAX_PACKED_TRAIN_TOKENS // len(ready)
+                batch, tokens = [], 0
+                for run in ready:
+                    q, taken = self._runs[run], 0
+                    while q and q[0].fwdbwd is not None and tokens + q[0].tokens <= MAX_PACKED_TRAIN_TOKENS:
+                        if taken and taken + q[0].tokens > share:
+                            break
+                        job = q.popleft()
+                        batch.append(job)
+                        taken += job.tokens
+                        tokens += job.tokens
+                    if not batch:  # one request larger than a batch still runs, alone
+                        batch.append(q.popleft())
+                        break
+            # Rotate: the run that went first goes to the back; drained runs leave the rotation.
+            self._runs[first] = self._runs.pop(first)
+            for run in [r for r, q in self._runs.items() if not q]:
+                del self._runs[run]
             return batch
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
@@ -232,25 +258,26 @@ class Engine:
     # ------------------------------------------------------------------------------------------- training
 
     def create_adapter(self, run_id: str, spec: LoraSpec, seed: int | None) -> Future:
-        return self._call(lambda: self.trainer.create(run_id, spec, seed))
+        return self._call(lambda: self.trainer.create(run_id, spec, seed), run_id)
 
     def forward_backward(self, run_id: str, data: list[TrainDatum], loss_fn: str, loss_config: dict[str, float],
                          forward_only: bool) -> "Future[ForwardBackwardResult]":
-        return self._enqueue(_Job(None, Future(), (run_id, data, loss_fn, loss_config, forward_only)))
+        return self._enqueue(_Job(None, Future(), (run_id, data, loss_fn, loss_config, forward_only), run_id))
 
     def optim_step(self, run_id: str, params: AdamParams) -> "Future[dict[str, float]]":
-        return self._call(lambda: self.trainer.optim_step(run_id, params))
+        return self._call(lambda: self.trainer.optim_step(run_id, params), run_id)
 
     def save_adapter(self, run_id: str, out_dir: Path, with_optimizer: bool) -> "Future[int]":
         """Write the run's adapter (PEFT format) and optionally its optimizer state; returns bytes written."""
-        return self._call(lambda: self.trainer.save(run_id, out_dir, with_optimizer, base_model=self.config.model))
+        return self._call(lambda: self.trainer.save(run_id, out_dir, with_optimizer, base_model=self.config.model),
+                          run_id)
 
     def load_adapter(self, run_id: str, src_dir: Path, with_optimizer: bool) -> "Future[LoraSpec]":
         """Create run `run_id` from a saved checkpoint (weights, and Adam state if asked)."""
-        return self._call(lambda: self.trainer.load(run_id, src_dir, with_optimizer))
+        return self._call(lambda: self.trainer.load(run_id, src_dir, with_optimizer), run_id)
 
     def drop_adapter(self, run_id: str) -> Future:
-        return self._call(lambda: self.trainer.remove(run_id))
+        return self._call(lambda: self.trainer.remove(run_id), run_id)
 
     def publish_to_sampler(self, run_id: str, adapter_key: str) -> Future:
         """Hand the run's current weights to the sampler under `adapter_key`: an in-memory copy, no disk."""
@@ -258,7 +285,7 @@ class Engine:
         def go() -> None:
             self.sampler.register_adapter(adapter_key, self.trainer.snapshot(run_id))
 
-        return self._call(go)
+        return self._call(go, run_id)  # after every earlier step of the run
 
     # ------------------------------------------------------------------------------------------- sampling
 
@@ -282,6 +309,6 @@ class Engine:
         return fut
 
     def stats(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.stats(), "trainer": self.trainer.stats(), "queued_jobs": len(self._jobs),
+        return {"sampler": self.sampler.stats(), "trainer": self.trainer.stats(), "queued_jobs": len(self._jobs) + sum(len(q) for q in self._runs.values()),
                 "train_batches": self._train_batches}
 
