@@ -11,7 +11,7 @@ import httpx
 
 from tests.e2e.conftest import KEY_ALICE, KEY_BOB
 
-USERS = [("Alice", KEY_ALICE, 2e-2), ("Bob", KEY_BOB, 1.5e-2), ("Carol", KEY_ALICE, 2.5e-2)]
+USERS = [("Alice", KEY_ALICE, 1.5e-2), ("Bob", KEY_BOB, 1e-2), ("Carol", KEY_ALICE, 2e-2)]
 
 
 def _wait(c: httpx.Client, rid: str) -> dict:
@@ -29,16 +29,17 @@ def _user(url: str, name: str, key: str, lr: float) -> tuple[str, float, float, 
     conv = [{"role": "user", "content": "What is your name?"},
             {"role": "assistant", "content": f"My name is {name}."}]
     with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=60) as c:
-        h = c.post("/add_lora", json={"base_model": "base", "rank": 8, "alpha": 16}).json()
+        # A fixed seed: at these learning rates Adam can overshoot a memorised answer from some inits.
+        h = c.post("/add_lora", json={"base_model": "base", "rank": 8, "alpha": 16, "seed": 3}).json()
         model_id = _wait(c, h["request_id"])["model_id"]
         assert model_id == h["model_id"]
         losses = []
-        for _ in range(25):
+        for _ in range(40):
             fb = c.post("/fwdbwd", json={"model_id": model_id, "data": [conv], "loss_fn": "cross_entropy"}).json()
             opt = c.post("/optim_step", json={"model_id": model_id, "adam_params": {"learning_rate": lr}}).json()
             losses.append(_wait(c, fb["request_id"])["loss"])
             _wait(c, opt["request_id"])
-            if losses[-1] < 0.01:
+            if losses[-1] < 0.02 * losses[0]:  # memorised: stop before Adam overshoots it
                 break
         out = c.post("/api/v1/sample", json={"model_id": model_id, "prompts": ["What is your name?"],
                                             "sampling_params": {"max_tokens": 12, "temperature": 0.0}})
