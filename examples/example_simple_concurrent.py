@@ -35,7 +35,7 @@ def run_user(args, base: str, name: str, lr: float, results: dict, start: thread
     sc = service_client(args)
     start.wait()  # the three users begin together
     with timer.phase("create"):
-        tc = sc.create_lora_training_client(base_model=base, rank=args.rank).result()
+        tc = sc.create_lora_training_client(base_model=base, rank=args.rank, seed=args.seed).result()
         tok = tc.get_tokenizer()
     data = [conversation_datum(tok, q, a)[0] for q, a in conversations(name)]
     prompt = conversation_datum(tok, QUESTION, "")[1]
@@ -66,9 +66,11 @@ def main() -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="most training steps per user (default 30; --quick 12)")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="LoRA init seed (fixed, so a run repeats; -1: random)")
     p.add_argument("--stop-loss", type=float, default=0.01, help="a user stops training once its loss is below this")
     args = p.parse_args()
     args.steps = args.steps or (12 if args.quick else 30)
+    args.seed = None if args.seed < 0 else args.seed
     # A tiny random model needs larger steps to learn a name in a few seconds; the ratios stay the same.
     scale = 10.0 if args.quick else 1.0
     info = server_info(args)
