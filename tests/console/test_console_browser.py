@@ -47,7 +47,7 @@ def test_sign_in_and_loss_curve_falls(console_server: ServerProcess, tab_factory
     assert tab.context.cookies() == []  # the key lives in the tab's session storage only
 
     sc = service_client(console_server, KEY_ALICE)
-    tc = sc.create_lora_training_client(base_model=str(console_server.model), rank=8).result()
+    tc = sc.create_lora_training_client(base_model=str(console_server.model), rank=8, seed=0).result()
     state.update(sc=sc, tc=tc, run=tc.model_id)
     page.wait_for_selector(f"a:text('{tc.model_id}')")  # the list polls: the new run shows up without a reload
     page.click(f"a:text('{tc.model_id}')")
@@ -55,12 +55,12 @@ def test_sign_in_and_loss_curve_falls(console_server: ServerProcess, tab_factory
 
     datum = _datum(tc.get_tokenizer(), "User: What is your name?\nAssistant:", " My name is Tinkerbell.")
     first = last = None
-    for _ in range(40):
+    for step in range(40):
         fb = tc.forward_backward([datum], "cross_entropy")
         tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
         last = fb.result().metrics["loss:sum"]
         first = first if first is not None else last
-        if last < 0.05 * first:
+        if step >= 5 and last < 0.05 * first:  # the chart check below wants at least 5 points
             break
     chart = "figure[data-metric='loss:sum']"
     page.wait_for_function(f"() => {{ const f = document.querySelector(\"{chart}\"); "
