@@ -35,7 +35,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ import torch
 
 from tinkerbell.engine import sampling
 from tinkerbell.engine.models.llada import LLaDAModel
+from tinkerbell.engine.sampler import settle
 from tinkerbell.engine.types import EngineUserError, SampledSequence, SampleJob, SampleResult
 
 ALGORITHMS: dict[str, str] = {
@@ -486,7 +487,7 @@ class DiffusionSampler:
             toks = r.x[r.prompt_len:r.prompt_len + r.length].tolist()
             seqs.append(SampledSequence(tokens=toks, logprobs=r.logprobs[:r.length].tolist(),
                                         stop_reason="stop" if r.stop_reason == "stop" else "length"))
-        _resolve(group.future, result=SampleResult(sequences=seqs))
+        settle(group.future, result=SampleResult(sequences=seqs))
 
     def _forget(self, group: _Group) -> None:
         for key in [k for k, g in self._groups.items() if g is group]:
@@ -507,7 +508,7 @@ class DiffusionSampler:
         self._running, self._waiting = [], deque()
         for g in groups:
             self._counters["requests_failed"] += 1
-            _resolve(g.future, exc=exc)
+            settle(g.future, exc=exc)
 
     def stats(self) -> dict[str, Any]:
         c = self._counters
@@ -528,18 +529,6 @@ class DiffusionSampler:
 
 def _row_cost(row: _Row) -> int:
     return len(row.x) * (2 if row.params.cfg_scale > 0 else 1)
-
-
-def _resolve(fut: Future, result: SampleResult | None = None, exc: BaseException | None = None) -> None:
-    if fut.done():
-        return
-    try:
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    except InvalidStateError:
-        pass
 
 
 class RefusedTrainer:

@@ -369,13 +369,13 @@ class Sampler:
             topk_prompt_logprobs=group.topk_prompt_logprobs,
             prompt_cache_hit_tokens=group.cache_hit_tokens,
         )
-        _resolve(group.future, result=result)
+        settle(group.future, result=result)
 
     def _fail_group(self, group: SequenceGroup, exc: BaseException) -> None:
         self.scheduler.abort(group)
         self._groups.pop(group.request_id, None)
         self._counters["requests_failed"] += 1
-        _resolve(group.future, exc=exc)
+        settle(group.future, exc=exc)
 
     def _reap_cancelled(self) -> None:
         while self._cancelled:
@@ -397,7 +397,7 @@ class Sampler:
             for seq in group.seqs:
                 seq.status, seq.block_table = SeqStatus.FINISHED, []
             self._counters["requests_failed"] += 1
-            _resolve(group.future, exc=exc)
+            settle(group.future, exc=exc)
 
     def stats(self) -> dict:
         sch = self.scheduler
@@ -417,7 +417,7 @@ class Sampler:
         }
 
 
-def _resolve(fut: Future, result: SampleResult | None = None, exc: BaseException | None = None) -> None:
+def settle(fut: Future, result: SampleResult | None = None, exc: BaseException | None = None) -> None:
     """Set a future unless its caller already cancelled it (possible from another thread at any moment)."""
     if fut.done():
         return
