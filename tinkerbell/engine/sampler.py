@@ -185,15 +185,20 @@ class Sampler:
         if not out.scheduled:
             return
         self._counters["steps"] += 1
-        for src, dst, n in out.copies:
-            self.kv.copy_prefix(src, dst, n)
         plan, rows = self._plan(out.scheduled)
         with torch.inference_mode():
-            # lm_head only over the rows that sample or score a prompt token, never every prefill row.
-            logits = self.runner.logits(plan) if self.runner is not None else self._reference_logits(plan)
+            logits = self.execute(plan, out.copies)
             # Logprobs as logits - logsumexp, formed only for the rows that need them (never a [R, V] copy).
             lse = logits.logsumexp(dim=-1)
             self._postprocess(out.scheduled, rows, logits, lse)
+
+    def execute(self, plan: StepPlan, copies: list[tuple[int, int, int]]) -> torch.Tensor:
+        """The step's only work on model tensors: KV prefix copies, then one forward → float32 logits of the
+        plan's gathered rows. Tensor-parallel workers run exactly this with rank 0's plan."""
+        for src, dst, n in copies:
+            self.kv.copy_prefix(src, dst, n)
+        # lm_head only over the rows that sample or score a prompt token, never every prefill row.
+        return self.runner.logits(plan) if self.runner is not None else self._reference_logits(plan)
 
     def _plan(self, scheduled: list[ScheduledSeq]) -> tuple[StepPlan, list[_Rows]]:
         bs = self.blocks.block_size
