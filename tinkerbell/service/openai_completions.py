@@ -119,6 +119,11 @@ class LiveText:
         return self.text[: len(self.text) - hold] if hold else self.text
 
 
+def _put_block(live: "asyncio.Queue[tuple[int, int]]", index: int, tokens: list[int]) -> None:
+    for tok in tokens:
+        live.put_nowait((index, tok))
+
+
 class CompletionService:
     def __init__(self, engine: "Engine", samplers: SamplerManager, adapters: AdapterRegistry, model_name: str):
         self.engine, self.samplers, self.adapters = engine, samplers, adapters
@@ -230,6 +235,10 @@ class CompletionService:
                 # Runs on the engine thread: hop onto the event loop.
                 job.on_token = (lambda i, tok, _lp, base=j * opts.n:
                                 loop.call_soon_threadsafe(live.put_nowait, (base + i, tok)))
+                # A diffusion LM finishes a block of tokens at once: the same per-choice appends, in one hop,
+                # so the stream sends the block as one chunk.
+                job.on_block = (lambda i, toks, _done, base=j * opts.n:
+                                loop.call_soon_threadsafe(_put_block, live, base + i, list(toks)))
         futures = []
         for job in jobs:
             self.samplers.samples_requested += job.num_samples
