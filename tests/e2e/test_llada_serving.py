@@ -1,7 +1,6 @@
-"""Serving a LLaDA checkpoint: the engine behind the app, `/generation/algorithms`, `/batch/stats`, block
-streaming, and an unknown algorithm refused as a user error (never a silent fallback)."""
-
-import asyncio
+"""Serving a LLaDA checkpoint: the engine behind the app, `/generation/algorithms`, `/batch/stats`, the engine's
+per-block callback that streaming rides on, and an unknown algorithm refused as a user error (never a silent
+fallback)."""
 
 import pytest
 from fastapi import FastAPI
@@ -43,25 +42,18 @@ def test_algorithm_listing_and_batch_stats(engine):
     assert sum(stats["batch_size_histogram"].values()) == stats["batches_run"]
 
 
-def test_block_streaming_matches_the_final_tokens(engine):
+def test_on_block_reports_each_final_block(engine):
+    blocks: list[tuple[int, list[int], bool]] = []  # appended on the engine thread
     job = SampleJob(prompt=[30, 31, 32], max_tokens=12, temperature=0.0, steps=6, block_length=4,
-                    stop_at_eos=False, num_samples=2)
-
-    async def collect():
-        return [b async for b in diffusion_api.stream_blocks(engine, job)]
-
-    blocks = asyncio.run(collect())
+                    stop_at_eos=False, num_samples=2, on_block=lambda i, toks, done: blocks.append((i, toks, done)))
     final = engine.sample(job).result(timeout=60)
     for i, seq in enumerate(final.sequences):
         mine = [b for b in blocks if b[0] == i]
         assert [t for _, toks, _ in mine for t in toks] == seq.tokens
-        assert len(mine) == 3 and mine[-1][2]
+        assert [done for _, _, done in mine] == [False, False, True]
 
 
 def test_unknown_algorithm_is_a_user_error(engine):
-    async def go():
-        job = SampleJob(prompt=[10], max_tokens=4, generation_algorithm="turbo")
-        return [b async for b in diffusion_api.stream_blocks(engine, job)]
-
+    fut = engine.sample(SampleJob(prompt=[10], max_tokens=4, generation_algorithm="turbo"))
     with pytest.raises(EngineUserError, match="unknown algorithm 'turbo'"):
-        asyncio.run(go())
+        fut.result(timeout=60)

@@ -1,20 +1,16 @@
-"""Diffusion-LM endpoints: `GET /generation/algorithms` and `GET /batch/stats` (the existing LLaDA server's), plus
-`stream_blocks`, which turns a diffusion request into an async stream of finished blocks for SSE faces.
+"""Diffusion-LM endpoints: `GET /generation/algorithms` and `GET /batch/stats` (the existing LLaDA server's).
+(Block streaming needs no route of its own: the OpenAI face's live stream is fed by `SampleJob.on_block`.)
 
 `install(app)` adds the routes; they answer for any served model (an autoregressive one lists no algorithms).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 
 from tinkerbell.engine.diffusion import algorithm_listing
-from tinkerbell.engine.types import SampleJob, SampleResult
 
 router = APIRouter()
 
@@ -50,22 +46,3 @@ async def batch_stats(request: Request) -> dict[str, Any]:
 def install(app: FastAPI) -> None:
     app.include_router(router)
 
-
-async def stream_blocks(engine: Any, job: SampleJob) -> AsyncIterator[tuple[int, list[int], bool]]:
-    """(sample_index, tokens, finished) as each block of each sample becomes final, then the engine's result
-    is awaited (so errors surface here). Blocks are pushed from the engine thread onto this event loop."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, list[int], bool] | None] = asyncio.Queue()
-
-    def on_block(index: int, tokens: list[int], finished: bool) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (index, list(tokens), finished))
-
-    fut = engine.sample(replace(job, on_block=on_block))
-    fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(queue.put_nowait, None))
-    while True:
-        item = await queue.get()
-        if item is None:
-            break
-        yield item
-    result: SampleResult = await asyncio.wrap_future(fut)
-    del result  # the caller has every token already; awaiting re-raises a failure
