@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import httpx
 
-from tinkerbell.router import ids
+from tinkerbell.router import batch_stats, ids
 from tinkerbell.router.health import HealthChecker
 from tinkerbell.router.ops import metrics_text, stats_body
 from tinkerbell.router.pool import Pool, Replica
@@ -112,6 +112,9 @@ class RouterApp:
         if method == "GET" and path == "/console/api/live":
             await self._console_live(headers, send)
             return
+        if method == "GET" and path == "/batch/stats":  # the deployment's batching figures (batch_stats.py)
+            await self._batch_stats(headers, send)
+            return
         hmap = {k: v for k, v in headers}
         js = _maybe_json(method, hmap.get(b"content-type", b""), body)
         enc = hmap.get(b"content-encoding", b"").decode("latin-1") or None
@@ -166,6 +169,15 @@ class RouterApp:
             await _answer(send, *json_response(401, {"detail": rows[0]["error"].split(": ", 1)[-1]}))
             return
         await _answer(send, *json_response(200, merge_replicas(list(rows))))
+
+    async def _batch_stats(self, headers: list[tuple[bytes, bytes]], send: Send) -> None:
+        assert self.client is not None
+        fwd = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
+        client = self.client
+        rows = await batch_stats.gather(self.pool.replicas, lambda rep: client.send(
+            self._request(rep, "GET", "/batch/stats", fwd, b"", False)))
+        body = batch_stats.merge(rows)
+        await _answer(send, *json_response(200 if body["replicas_answering"] else 503, body))
 
     def _request(self, rep: Replica, method: str, target: str, headers: list, body: bytes,
                  long_poll: bool) -> httpx.Request:
