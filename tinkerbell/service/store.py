@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS sampling_sessions (
     model_path TEXT, adapter_key TEXT, adapter_dir TEXT, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS futures (
     request_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
-    result BLOB, content_type TEXT, created REAL NOT NULL, finished REAL, dedupe_key TEXT, extra TEXT);
+    result BLOB, content_type TEXT, created REAL NOT NULL, finished REAL, dedupe_key TEXT, extra TEXT,
+    owner TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS futures_dedupe ON futures (dedupe_key) WHERE dedupe_key IS NOT NULL;
 CREATE TABLE IF NOT EXISTS metrics (
     run TEXT NOT NULL, seq_id INTEGER NOT NULL, kind TEXT NOT NULL, time REAL NOT NULL, metrics TEXT NOT NULL,
@@ -86,6 +87,7 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._migrate_futures()
 
     def close(self) -> None:
         with self._lock:
@@ -278,12 +280,27 @@ class Store:
 
     # ----------------------------------------------------------------------------------------- futures
 
+    def _migrate_futures(self) -> None:
+        """Databases written before futures had an owner gain the column (their rows keep owner NULL: written
+        by a process that no longer runs). Replicas of one `serve --dp N` may open the store at the same time,
+        so losing the race to add the column is fine."""
+        with self._lock:
+            cols = {r["name"] for r in self._db.execute("PRAGMA table_info(futures)").fetchall()}
+            if "owner" not in cols:
+                try:
+                    self._db.execute("ALTER TABLE futures ADD COLUMN owner TEXT")
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):
+                        raise
+            # Startup recovery looks up one owner's pending futures; finished ones (nearly all rows) stay out.
+            self._db.execute("CREATE INDEX IF NOT EXISTS futures_pending ON futures (owner) WHERE state = 'pending'")
+
     def add_future(self, request_id: str, tenant: str, kind: str, dedupe_key: str | None,
-                   extra: dict | None = None) -> None:
+                   extra: dict | None = None, owner: str | None = None) -> None:
         self._exec(
-            "INSERT INTO futures (request_id, tenant, kind, state, created, dedupe_key, extra)"
-            " VALUES (?, ?, ?, 'pending', ?, ?, ?)",
-            (request_id, tenant, kind, now(), dedupe_key, _dumps(extra)),
+            "INSERT INTO futures (request_id, tenant, kind, state, created, dedupe_key, extra, owner)"
+            " VALUES (?, ?, ?, 'pending', ?, ?, ?, ?)",
+            (request_id, tenant, kind, now(), dedupe_key, _dumps(extra), owner),
         )
 
     def future_by_dedupe(self, dedupe_key: str) -> dict[str, Any] | None:
@@ -297,10 +314,20 @@ class Store:
     def get_future(self, request_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM futures WHERE request_id = ?", (request_id,))
 
-    def fail_pending_futures(self, result: bytes) -> int:
+    def pending_futures(self, owner: str | None, everyone: bool = False) -> list[dict[str, Any]]:
+        """Pending futures of `owner` plus those with no owner (written by a process without a replica id, or
+        before the column existed); every pending future when `everyone`."""
+        cols = "request_id, tenant, kind, dedupe_key, owner"
+        if everyone:
+            return self._all(f"SELECT {cols} FROM futures WHERE state = 'pending'")
+        return self._all(f"SELECT {cols} FROM futures WHERE state = 'pending' AND (owner IS NULL OR owner = ?)",
+                         (owner,))
+
+    def fail_future(self, request_id: str, result: bytes) -> bool:
+        """Fail one pending future (a no-op once it finished); True when it was pending."""
         cur = self._exec("UPDATE futures SET state = 'failed', result = ?, content_type = 'application/json', "
-                         "finished = ? WHERE state = 'pending'", (result, now()))
-        return cur.rowcount
+                         "finished = ? WHERE request_id = ? AND state = 'pending'", (result, now(), request_id))
+        return cur.rowcount == 1
 
     def purge_futures(self, finished_before: float) -> int:
         return self._exec("DELETE FROM futures WHERE finished IS NOT NULL AND finished < ?",
