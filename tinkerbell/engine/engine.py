@@ -7,7 +7,9 @@ flowing while training runs and nothing but this thread touches model tensors.
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -23,6 +25,8 @@ from tinkerbell.engine.lora import LoraSpec
 from tinkerbell.engine.models.config import ModelConfig
 from tinkerbell.engine.models.loader import load_model, load_tokenizer, read_config, resolve_model_path
 from tinkerbell.engine.sampler import Sampler
+from tinkerbell.engine.tp.executor import Mirror, OutOfStep
+from tinkerbell.engine.tp.group import TPGroup
 from tinkerbell.engine.training import Trainer
 from tinkerbell.engine.types import AdamParams, ForwardBackwardResult, SampleJob, SampleResult, TrainDatum
 
@@ -64,6 +68,7 @@ class EngineConfig:
     batch_size: int = 16
     max_wait_time: float = 0.0
     dcp_path: str | None = None  # weights from a torch.distributed.checkpoint folder onto --model's architecture
+    tp: int = 1  # tensor-parallel ranks: this process is rank 0, ranks 1..tp-1 are worker processes (engine/tp)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -77,26 +82,43 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, tp: TPGroup | None = None):
+        """`tp` None with `config.tp` > 1: this is rank 0; it starts the worker processes, which build the
+        same Engine with their `tp` group and serve rank 0's ops (engine/tp/worker.py) instead of a loop."""
         self.config = config
         self.path: Path = resolve_model_path(config.model, allow_download=config.allow_download)
         self.model_config: ModelConfig = read_config(self.path)
         self.device = config.torch_device()
         self.dtype = config.torch_dtype(self.device)
+        self.workers = None
+        # A fatal tensor-parallel failure (a worker died, ranks out of step) ends the process by default.
+        self.on_fatal: Callable[[str], None] = _exit_process
+        self._current: list[_Job] = []  # the jobs the loop is running now (failed too if the group dies)
+        if tp is None and config.tp > 1:
+            from tinkerbell.engine.tp.group import init_tp
+            from tinkerbell.engine.tp.launch import Workers
+
+            self.workers = Workers(config, self._fatal)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", 0)
+            tp = init_tp(0, config.tp, self.workers.init_method, self.device)
+        elif tp is not None and self.device.type == "cuda":
+            self.device = torch.device("cuda", tp.rank)
+        self.tp = tp
         t0 = time.perf_counter()
         if config.dcp_path:
             from tinkerbell.engine.models.dcp import load_model_from_dcp
 
             self.model = load_model_from_dcp(self.path, Path(config.dcp_path), self.dtype, self.device)
         else:
-            self.model = load_model(self.path, self.dtype, self.device)
+            self.model = _with_tp(load_model, tp)(self.path, self.dtype, self.device)
         self.tokenizer = load_tokenizer(self.path)
         self.max_context = config.max_context or min(self.model_config.max_position_embeddings, 8192)
         log.info("loaded %s (%s, %s, %s) in %.1fs", config.model, self.model_config.arch, self.dtype,
                  self.device, time.perf_counter() - t0)
         diffusion = self.model_config.is_diffusion
         # Diffusion LMs sample only: the trainer refuses with a user error, the sampler is the diffusion one.
-        self.trainer = RefusedTrainer() if diffusion else Trainer(self.model, device=self.device)
+        self.trainer = RefusedTrainer() if diffusion else _with_tp(Trainer, tp)(self.model, device=self.device)
         self.sampler = self._diffusion_sampler() if diffusion else Sampler(
             self.model,
             device=self.device,
@@ -109,6 +131,12 @@ class Engine:
             eos_token_ids=self.eos_token_ids(),
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
         )
+        # Every op that touches model tensors goes through the mirror: on rank 0 of a TP group it broadcasts
+        # the op to the workers first (engine/tp/executor.py); otherwise it just applies it.
+        self.mirror = Mirror(self.trainer, self.sampler, tp)
+        if tp is not None:
+            self.mirror.sync_memory_plan()
+            self._log_memory()
         # Jobs of no run (sampler admission, adapter registration) run first, in arrival order; each training
         # run has its own queue, kept in order, and runs take turns (insertion order = rotation order).
         self._jobs: deque[_Job] = deque()
@@ -117,7 +145,8 @@ class Engine:
         self._train_batches = 0  # packed forward/backward passes run (one may serve many requests)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tinkerbell-engine", daemon=True)
-        self._thread.start()
+        if tp is None or tp.leader:  # a worker serves rank 0's ops instead (engine/tp/worker.py)
+            self._thread.start()
 
     def _diffusion_sampler(self) -> DiffusionSampler:
         cfg = self.config
@@ -141,7 +170,10 @@ class Engine:
     def _kv_blocks(self) -> int:
         bs = self.config.kv_block_size
         cfg = self.model_config
-        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
+        world = self.tp.world if self.tp is not None else 1
+        # Under TP each rank caches its share of the KV heads (all of one when there are fewer heads than ranks).
+        kv_heads = max(1, cfg.num_kv_heads // world)
+        per_token = 2 * cfg.num_layers * kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
             # Keep room beside the cache for the decode CUDA graphs' buffers and the sampler's logits.
@@ -149,6 +181,10 @@ class Engine:
         else:
             budget = 512 * 2**20  # CPU: a fixed 512 MiB of KV is plenty for the tiny models CPUs serve
         blocks = max(budget // (per_token * bs), 2 * (self.max_context // bs + 1))
+        if self.tp is not None:  # every rank must hold the same blocks: the scheduler plans for all of them
+            t = torch.tensor([blocks], dtype=torch.int64, device=self.device)
+            self.tp.all_reduce_(t, op=torch.distributed.ReduceOp.MIN)
+            blocks = int(t.item())
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.0f MiB)", blocks, bs, blocks * bs,
                  blocks * bs * per_token / 2**20)
         return int(blocks)
@@ -206,6 +242,7 @@ class Engine:
         live = [j for j in jobs if j.fut.set_running_or_notify_cancel()]
         if not live:
             return
+        self._current = live
         if live[0].fwdbwd is None:
             self._settle(live[0].fut, live[0].fn)
             return
@@ -221,7 +258,10 @@ class Engine:
             return
         self._train_batches += 1
         try:
-            results = self.trainer.run_segments(segments)
+            results = self.mirror.run("fwdbwd", [j.fwdbwd for j in owners])
+        except OutOfStep as e:
+            self._fatal(str(e))
+            return
         except Exception as e:  # noqa: BLE001
             log.exception("packed forward/backward failed")
             for job in owners:
@@ -230,10 +270,11 @@ class Engine:
         for job, res in zip(owners, results):
             job.fut.set_result(res)
 
-    @staticmethod
-    def _settle(fut: Future, fn: Callable[[], Any]) -> None:
+    def _settle(self, fut: Future, fn: Callable[[], Any]) -> None:
         try:
             fut.set_result(fn())
+        except OutOfStep as e:
+            self._fatal(str(e))
         except BaseException as e:  # noqa: BLE001 - every failure goes to its future
             if not isinstance(e, ValueError):
                 log.exception("engine job failed")
@@ -244,58 +285,92 @@ class Engine:
             # One training/control job (or one packed training batch) per iteration, then one sampler step:
             # neither starves the other.
             self._run_jobs(self._next_jobs())
+            self._current = []
             if self.sampler.has_work():
                 try:
                     self.sampler.step()
-                except BaseException:  # noqa: BLE001
+                except BaseException as e:  # noqa: BLE001
+                    if self.mirror.broadcasts:  # the workers may be inside the step's collectives
+                        self._fatal(f"sampler step failed on rank 0 ({type(e).__name__}: {e}); the "
+                                    "tensor-parallel ranks are out of step")
+                        return
                     log.exception("sampler step failed; failing its running requests")
                     self.sampler.fail_all(RuntimeError("sampler step failed; see the server log"))
+        self.mirror.stop()
 
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        if self.workers is not None:
+            self.workers.stop()
+
+    # ------------------------------------------------------------------------------------------- TP
+
+    def _fatal(self, msg: str) -> None:
+        """The TP group is broken (a worker died, or ranks are out of step): fail every pending future with a
+        message saying why, then `on_fatal` (default: exit the process non-zero; it must not hang)."""
+        log.critical("%s; failing every pending request", msg)
+        exc = RuntimeError(f"{msg}. The server is stopping; see its log.")
+        jobs = list(self._current) + list(self._jobs) + [j for q in list(self._runs.values()) for j in q]
+        pending = getattr(self.sampler, "pending_futures", None)  # the diffusion sampler never runs under TP
+        futs = [j.fut for j in jobs] + (pending() if pending is not None else [])
+        for fut in futs:
+            if not fut.done():
+                try:
+                    fut.set_exception(exc)
+                except Exception:  # noqa: BLE001 - cancelled or settled meanwhile
+                    pass
+        self.on_fatal(msg)
+
+    def _log_memory(self) -> None:
+        rank = self.tp.rank if self.tp is not None else 0
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20
+        kv = getattr(self.sampler, "kv", None)
+        kv_mib = sum(t.numel() * t.element_size() for t in vars(kv).values()
+                     if isinstance(t, torch.Tensor)) / 2**20 if kv is not None else 0.0
+        line = f"tp rank {rank}/{self.config.tp}: weights {weights:.0f} MiB, KV cache {kv_mib:.0f} MiB"
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            line += f", GPU {self.device.index}: {(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use"
+        log.info(line)
 
     # ------------------------------------------------------------------------------------------- training
 
     def create_adapter(self, run_id: str, spec: LoraSpec, seed: int | None) -> Future:
-        return self._call(lambda: self.trainer.create(run_id, spec, seed), run_id)
+        return self._call(lambda: self.mirror.run("create", run_id, spec, seed), run_id)
 
     def forward_backward(self, run_id: str, data: list[TrainDatum], loss_fn: str, loss_config: dict[str, float],
                          forward_only: bool) -> "Future[ForwardBackwardResult]":
         return self._enqueue(_Job(None, Future(), (run_id, data, loss_fn, loss_config, forward_only), run_id))
 
     def optim_step(self, run_id: str, params: AdamParams) -> "Future[dict[str, float]]":
-        return self._call(lambda: self.trainer.optim_step(run_id, params), run_id)
+        return self._call(lambda: self.mirror.run("optim", run_id, params), run_id)
 
     def save_adapter(self, run_id: str, out_dir: Path, with_optimizer: bool) -> "Future[int]":
         """Write the run's adapter (PEFT format) and optionally its optimizer state; returns bytes written."""
-        return self._call(lambda: self.trainer.save(run_id, out_dir, with_optimizer, base_model=self.config.model),
+        return self._call(lambda: self.mirror.run("save", run_id, out_dir, with_optimizer, self.config.model),
                           run_id)
 
     def load_adapter(self, run_id: str, src_dir: Path, with_optimizer: bool) -> "Future[LoraSpec]":
         """Create run `run_id` from a saved checkpoint (weights, and Adam state if asked)."""
-        return self._call(lambda: self.trainer.load(run_id, src_dir, with_optimizer), run_id)
+        return self._call(lambda: self.mirror.run("load", run_id, src_dir, with_optimizer), run_id)
 
     def drop_adapter(self, run_id: str) -> Future:
-        return self._call(lambda: self.trainer.remove(run_id), run_id)
+        return self._call(lambda: self.mirror.run("remove", run_id), run_id)
 
     def publish_to_sampler(self, run_id: str, adapter_key: str) -> Future:
         """Hand the run's current weights to the sampler under `adapter_key`: an in-memory copy, no disk."""
-
-        def go() -> None:
-            self.sampler.register_adapter(adapter_key, self.trainer.snapshot(run_id))
-
-        return self._call(go, run_id)  # after every earlier step of the run
+        return self._call(lambda: self.mirror.run("publish", run_id, adapter_key), run_id)  # after earlier steps
 
     # ------------------------------------------------------------------------------------------- sampling
 
     def register_checkpoint(self, adapter_key: str, src_dir: Path) -> Future:
         """Make a saved adapter samplable under `adapter_key` (loaded into a slot lazily, on first use)."""
-        return self._call(lambda: self.sampler.register_adapter(adapter_key, src_dir))
+        return self._call(lambda: self.mirror.run("register", adapter_key, src_dir))
 
     def unregister_adapter(self, adapter_key: str) -> "Future[bool]":
         """Forget `adapter_key` (False if unknown); requests already running keep their weights."""
-        return self._call(lambda: self.sampler.unregister_adapter(adapter_key))
+        return self._call(lambda: self.mirror.run("unregister", adapter_key))
 
     def sample(self, job: SampleJob) -> "Future[SampleResult]":
         fut: Future = Future()
@@ -312,3 +387,17 @@ class Engine:
         return {"sampler": self.sampler.stats(), "trainer": self.trainer.stats(), "queued_jobs": len(self._jobs) + sum(len(q) for q in self._runs.values()),
                 "train_batches": self._train_batches}
 
+
+
+def _with_tp(fn: Callable[..., Any], tp: TPGroup | None) -> Callable[..., Any]:
+    """`fn` with `tp=` bound when there is a group (the model loader and Trainer take the rank's group)."""
+    if tp is None or "tp" not in inspect.signature(fn).parameters:
+        return fn
+    return lambda *a, **kw: fn(*a, tp=tp, **kw)
+
+
+def _exit_process(msg: str) -> None:
+    """A replica with a broken TP group can only hang: exit non-zero (the router or operator restarts it)."""
+    logging.shutdown()
+    time.sleep(0.5)  # let futures' callbacks hand their errors to waiting clients
+    os._exit(1)

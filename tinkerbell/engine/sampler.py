@@ -57,6 +57,10 @@ class Sampler:
     budget of one step (decode tokens + prefill chunks), `max_running_seqs` caps the running batch, `fast`
     picks the fast path (default: on CUDA) and `cuda_graphs` lets it capture decode steps."""
 
+    # Tensor parallel (engine/tp/executor.py): rank 0 broadcasts each planned step here before executing it,
+    # so its workers run `execute` with the same plan.
+    on_plan: Callable[[StepPlan, list[tuple[int, int, int]]], None] | None = None
+
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, max_loras: int,
                  max_lora_rank: int, block_size: int, num_blocks: int, max_context: int,
                  eos_token_ids: list[int], decode: Callable[[list[int]], str], max_batch_tokens: int = 512,
@@ -67,10 +71,13 @@ class Sampler:
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.decode = decode
         cfg = self.cfg
-        self.kv = PagedKVCache(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype,
+        # Under tensor parallelism the cache holds this rank's kv heads and the slots its LoRA pieces.
+        shard = getattr(model, "shard", None)
+        kv_heads = shard.num_kv_heads if shard is not None else cfg.num_kv_heads
+        self.kv = PagedKVCache(cfg.num_layers, num_blocks, block_size, kv_heads, cfg.head_dim, dtype,
                                self.device)
         self.blocks = BlockManager(num_blocks, block_size)
-        self.lora = LoraSlots(cfg, max_loras, max_lora_rank, dtype, self.device)
+        self.lora = LoraSlots(cfg, max_loras, max_lora_rank, dtype, self.device, shard=shard)
         self.scheduler = Scheduler(self.blocks, self.lora, max_batch_tokens, max_running_seqs)
         self.fast = self.device.type == "cuda" if fast is None else fast
         self.runner: ModelRunner | None = None
@@ -186,6 +193,8 @@ class Sampler:
             return
         self._counters["steps"] += 1
         plan, rows = self._plan(out.scheduled)
+        if self.on_plan is not None:
+            self.on_plan(plan, out.copies)
         with torch.inference_mode():
             logits = self.execute(plan, out.copies)
             # Logprobs as logits - logsumexp, formed only for the rows that need them (never a [R, V] copy).
@@ -387,6 +396,10 @@ class Sampler:
             group = self._groups.pop(self._cancelled.popleft(), None)
             if group is not None:
                 self.scheduler.abort(group)
+
+    def pending_futures(self) -> list[Future]:
+        """Futures of every request admitted and not finished (thread-safe enough for a dying engine)."""
+        return [g.future for g in list(self._groups.values())]
 
     def fail_all(self, exc: BaseException) -> None:
         """Fail every pending request and return to an empty state (all blocks free, no slot pinned). The

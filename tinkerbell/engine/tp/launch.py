@@ -1,0 +1,79 @@
+"""Starting, watching and stopping a replica's tensor-parallel worker processes (ranks 1..T-1).
+
+Rank 0 is the API process. `Workers.start` spawns the other ranks (multiprocessing "spawn": a fresh
+interpreter, no forked CUDA or thread state), each running worker.main, and a monitor thread that waits on their
+sentinels: a worker that exits while the group is up is reported with its rank, pid and exit code and handed to
+`on_death` (the engine fails every pending future and exits the process: a replica with a missing rank can only
+hang). `stop` is the clean path: the engine has broadcast the stop op; workers get a grace period, then SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+import threading
+from multiprocessing.connection import wait
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from tinkerbell.engine.engine import EngineConfig
+
+log = logging.getLogger("tinkerbell.engine.tp")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Workers:
+    def __init__(self, config: "EngineConfig", on_death: Callable[[str], None]):
+        from tinkerbell.engine.tp.worker import main as worker_main
+
+        self.world = config.tp
+        self.init_method = f"tcp://127.0.0.1:{free_port()}"
+        self.on_death = on_death
+        self._stopping = threading.Event()
+        ctx = mp.get_context("spawn")
+        self.procs: list[mp.process.BaseProcess] = []
+        for rank in range(1, self.world):
+            # daemon: multiprocessing's exit handler terminates them if the API process exits without stop().
+            p = ctx.Process(target=worker_main, args=(rank, self.world, self.init_method, config, os.getpid()),
+                            name=f"tinkerbell-tp{rank}", daemon=True)
+            p.start()
+            log.info("tensor-parallel worker rank %d started (pid %d)", rank, p.pid)
+            self.procs.append(p)
+        self._monitor = threading.Thread(target=self._watch, name="tinkerbell-tp-monitor", daemon=True)
+        self._monitor.start()
+
+    def _watch(self) -> None:
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self.procs, start=1)}
+        while sentinels and not self._stopping.is_set():
+            for s in wait(list(sentinels), timeout=0.5):
+                rank = sentinels.pop(s)
+                if self._stopping.is_set():
+                    return
+                p = self.procs[rank - 1]
+                p.join(timeout=1)
+                msg = (f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}; "
+                       "the replica cannot run without it")
+                log.error(msg)
+                self.on_death(msg)
+                return
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """After the stop op: wait for clean exits, then terminate (and kill) whatever is left."""
+        self._stopping.set()
+        for p in self.procs:
+            p.join(timeout=timeout)
+        for p in self.procs:
+            if p.is_alive():
+                log.warning("tensor-parallel worker pid %d did not stop; terminating it", p.pid)
+                p.terminate()
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
