@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tinkerbell import cli
-from tinkerbell.config import ConfigError, ServeConfig
+from tinkerbell.config import ConfigError, ServeConfig, check_tp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,7 +100,7 @@ def test_serve_calls_the_app(monkeypatch):
     monkeypatch.setenv("MAX_LORAS", "2")
     assert cli.main(["serve", "--model", "/m/tiny", "--port", "8123"]) == 0
     assert seen[0].model == "/m/tiny" and seen[0].port == 8123 and seen[0].max_loras == 2
-    assert cli.main(["serve", "--tp", "2"]) == 2 and len(seen) == 1
+    assert cli.main(["serve", "--tp", "0"]) == 2 and len(seen) == 1
 
 
 def test_keys_commands(monkeypatch, tmp_path, capsys):
@@ -166,14 +166,47 @@ def test_launch_scripts_are_thin_wrappers(tmp_path):
                VLLM_GPU_MEMORY_UTIL="0.3")[0] == "serve --model /m/v --tp 1 --dp 4 --gpu-memory-util 0.3"
 
 
-def test_dp_is_allowed_tp_is_not():
+def test_dp_and_tp_are_allowed():
     c = cli.config_from_args(["--dp", "3", "--health-check-interval", "0.5"], {})
     assert (c.dp, c.health_check_interval) == (3, 0.5)
     assert cli.config_from_args([], {"TINKERBELL_DP": "2", "TINKERBELL_HEALTH_CHECK_INTERVAL": "2.5"}).dp == 2
-    with pytest.raises(ConfigError, match="--tp"):
-        cli.config_from_args(["--tp", "2"], {})
+    assert cli.config_from_args(["--tp", "2", "--dp", "2"], {}).tp == 2
+    assert cli.config_from_args([], {"VLLM_TENSOR_PARALLEL_SIZE": "4"}).tp == 4
     with pytest.raises(ConfigError, match="--health-check-interval"):
         cli.config_from_args(["--health-check-interval", "0"], {})
+
+
+def test_tp_with_dcp_path_is_refused():
+    with pytest.raises(ConfigError, match="--dcp-path is not supported with --tp > 1; use --dp"):
+        cli.config_from_args(["--tp", "2", "--dcp-path", "/ckpt", "--base-model", "/m/x"], {})
+
+
+def test_tp_must_divide_the_heads(tiny_llama_dir):
+    c = cli.config_from_args(["--model", str(tiny_llama_dir), "--tp", "3"], {})
+    with pytest.raises(ConfigError, match="--tp 3 must divide the model's num_attention_heads"):
+        check_tp(c, [])
+    check_tp(cli.config_from_args(["--model", str(tiny_llama_dir), "--tp", "2"], {}), [])  # 4 heads, 2 kv heads
+
+
+def test_tp_above_the_visible_gpus_is_refused(tiny_llama_dir):
+    c = cli.config_from_args(["--model", str(tiny_llama_dir), "--tp", "2"], {})
+    with pytest.raises(ConfigError, match="--tp 2 needs 2 GPUs per replica but 1 are visible"):
+        check_tp(c, ["0"])
+    check_tp(c, ["0", "1"])
+
+
+def test_tp_with_a_diffusion_model_is_refused(tiny_llada_dir):
+    c = cli.config_from_args(["--model", str(tiny_llada_dir), "--tp", "2"], {})
+    with pytest.raises(ConfigError, match="not supported with diffusion models"):
+        check_tp(c, [])
+
+
+def test_serve_refuses_a_bad_tp_before_loading(monkeypatch, capsys, tiny_llama_dir):
+    seen: list[ServeConfig] = []
+    monkeypatch.setitem(sys.modules, "tinkerbell.api.app", types.SimpleNamespace(serve=seen.append))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU machine, whatever this one is
+    assert cli.main(["serve", "--model", str(tiny_llama_dir), "--tp", "3"]) == 2 and not seen
+    assert "--tp 3 must divide" in capsys.readouterr().err
 
 
 def test_port_in_use_names_the_holder(tmp_path):

@@ -24,6 +24,7 @@ from tinkerbell.config import (
     ENV_ALIASES,
     ConfigError,
     ServeConfig,
+    check_tp,
     env_value,
     from_env,
     resolve_default_model,
@@ -53,7 +54,10 @@ SERVE_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
      "comma-separated list. Keys minted with `tinkerbell keys create` are accepted too."),
     (("--no-auth",), "no_auth", {"action": "store_true", "default": None},
      "Accept requests without an API key (local single-user use)."),
-    (("--tp",), "tp", {"type": int, "metavar": "T"}, "Tensor-parallel GPUs per replica (this build runs 1)."),
+    (("--tp",), "tp", {"type": int, "metavar": "T"},
+     "Tensor-parallel GPUs per replica: the base model (and every LoRA adapter) is split over T GPUs of one host, "
+     "one process per GPU (NCCL; on a CPU-only machine T processes on gloo). T must divide the model's attention "
+     "heads and MLP width. Not with diffusion models or --dcp-path (use --dp). See docs/multi_gpu.md."),
     (("--dp",), "dp", {"type": int, "metavar": "D"},
      "Data-parallel replicas: D > 1 starts D replica processes on 127.0.0.1, ports PORT+1..PORT+D (each on its "
      "own GPU group when there are GPUs), sharing --data-dir, and the router on --port (docs/router.md)."),
@@ -173,6 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tinkerbell.router import ports, supervisor
 
     try:
+        check_tp(config, supervisor.visible_gpus(dict(os.environ)))
         if config.dp > 1:
             return supervisor.serve_dp(config)
         if ports.in_use(config.host, config.port):

@@ -86,8 +86,8 @@ class ServeConfig:
             raise ConfigError(f"--port must be in 1..65535 (got {self.port})")
         if self.tp < 1 or self.dp < 1:
             raise ConfigError(f"--tp and --dp must be >= 1 (got tp={self.tp}, dp={self.dp})")
-        if self.tp != 1:
-            raise ConfigError("--tp > 1 is not available in this build yet; use --tp 1 (--dp N runs N replicas)")
+        if self.tp > 1 and self.dcp_path is not None:
+            raise ConfigError("--dcp-path is not supported with --tp > 1; use --dp to run more replicas")
         if not self.health_check_interval > 0:
             raise ConfigError(f"--health-check-interval must be > 0 seconds (got {self.health_check_interval})")
         if not 0 < self.gpu_memory_util <= 1:
@@ -160,6 +160,31 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, object]:
                 raise
             raise ConfigError(f"environment variable {' / '.join(names)} has a bad value {v!r}: {e}") from None
     return out
+
+
+def check_tp(config: ServeConfig, gpus: list[str]) -> None:
+    """With --tp > 1: the model must split into `tp` shards and (on a GPU machine) each rank needs its own GPU.
+    `gpus` are the visible GPU ids ([]: a CPU machine, where the ranks run on gloo). Reads only the model's
+    config.json, so a bad --tp fails at startup, before any weights load. Raises ConfigError."""
+    if config.tp <= 1:
+        return
+    if gpus and config.tp > len(gpus):
+        raise ConfigError(f"--tp {config.tp} needs {config.tp} GPUs per replica but {len(gpus)} are visible "
+                          f"(CUDA_VISIBLE_DEVICES / nvidia-smi); lower --tp")
+    from tinkerbell.engine.models.loader import ModelNotFoundError, read_config, resolve_model_path
+    from tinkerbell.engine.tp.shard import plan_shard
+
+    assert config.model is not None, "resolve the model first (resolve_default_model)"
+    try:
+        cfg = read_config(resolve_model_path(config.model, allow_download=config.allow_download))
+    except ModelNotFoundError:
+        return  # the engine reports a missing model in its own words
+    if cfg.is_diffusion:
+        raise ConfigError("--tp > 1 is not supported with diffusion models (LLaDA); use --dp to run more replicas")
+    try:
+        plan_shard(cfg, 0, config.tp)
+    except ValueError as e:
+        raise ConfigError(f"{e} (model {config.model})") from None
 
 
 def resolve_default_model(config: ServeConfig, log=None) -> ServeConfig:
