@@ -65,7 +65,7 @@ def build_engine(config: ServeConfig) -> "Engine":
                                max_lora_rank=config.max_lora_rank, gpu_memory_util=config.gpu_memory_util,
                                allow_download=config.allow_download, algorithm=config.algorithm,
                                batch_size=config.batch_size, max_wait_time=config.max_wait_time,
-                               dcp_path=config.dcp_path))
+                               dcp_path=config.dcp_path, tp=config.tp))
 
 
 def build_services(config: ServeConfig, engine: "Engine") -> Services:
