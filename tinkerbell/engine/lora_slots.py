@@ -21,6 +21,7 @@ from safetensors import safe_open
 from tinkerbell.engine.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_peft, read_spec
 from tinkerbell.engine.lora import AdapterWeights, LoraSpec, module_shape
 from tinkerbell.engine.models.config import ModelConfig
+from tinkerbell.engine.tp.shard import ShardInfo, shard_adapter
 from tinkerbell.engine.types import EngineUserError
 
 _PEFT_PREFIX = "base_model.model."
@@ -46,15 +47,20 @@ class _Slot:
 
 class LoraSlots:
     def __init__(self, cfg: ModelConfig, max_loras: int, max_lora_rank: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, shard: ShardInfo | None = None):
+        """`cfg` is the full model's; with a tensor-parallel `shard` the slots hold this rank's pieces
+        (engine/tp/shard.py): in-memory adapters arrive already cut (the local trainer's snapshots), checkpoints
+        are read whole and cut on load."""
         self.cfg, self.max_loras, self.max_rank = cfg, max_loras, max_lora_rank
+        self.shard = shard
+        self.local_cfg = shard.local_cfg if shard is not None else cfg  # the slot shapes
         self.dtype, self.device = dtype, torch.device(device)
         all_targets = LoraSpec(rank=1).target_keys(cfg)
         self.a: dict[str, torch.Tensor] = {}
         self.b: dict[str, torch.Tensor] = {}
         if max_loras > 0:
             for key in all_targets:
-                fan_in, fan_out = module_shape(cfg, key)
+                fan_in, fan_out = module_shape(self.local_cfg, key)
                 self.a[key] = torch.zeros(max_loras, max_lora_rank, fan_in, dtype=dtype, device=self.device)
                 self.b[key] = torch.zeros(max_loras, fan_out, max_lora_rank, dtype=dtype, device=self.device)
         # Whether each slot's adapter targets each module (int32, 0/1): the gathered kernels skip the rest, so a
@@ -80,7 +86,8 @@ class LoraSlots:
             spec = source.spec
             self._check_rank(key, spec)
             for k in source.a:
-                self._check_shapes(key, k, tuple(source.a[k].shape), tuple(source.b[k].shape), spec.rank)
+                self._check_shapes(key, k, tuple(source.a[k].shape), tuple(source.b[k].shape), spec.rank,
+                                   self.local_cfg)
             weights, path = source.detached_copy(dtype=self.dtype, device=self.device), None
         else:
             path = Path(source)
@@ -169,6 +176,8 @@ class LoraSlots:
                 weights = load_peft(src.path, self.cfg, dtype=self.dtype, device=self.device)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint fails only its own requests
                 raise EngineUserError(f"adapter_key: could not load adapter {key!r} from {src.path}: {e}") from e
+            if self.shard is not None:
+                weights = shard_adapter(weights, self.shard)
         rank = src.spec.rank
         view = AdapterWeights(spec=src.spec)
         with torch.no_grad():
@@ -209,9 +218,10 @@ class LoraSlots:
             raise EngineUserError(f"adapter {key!r} has LoRA rank {spec.rank}; it must be at least 1")
 
     def _check_shapes(self, key: str, target: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...],
-                      rank: int) -> None:
+                      rank: int, cfg: ModelConfig) -> None:
+        """Against `cfg`: the full model's for a checkpoint, the local shard's for in-memory weights."""
         try:
-            fan_in, fan_out = module_shape(self.cfg, target)
+            fan_in, fan_out = module_shape(cfg, target)
         except KeyError:
             raise EngineUserError(f"adapter {key!r} targets {target}, which this model has no LoRA slot for")
         if target not in self.a:
@@ -237,5 +247,5 @@ class LoraSlots:
                 if an not in names or bn not in names:
                     raise EngineUserError(f"adapter {key!r} in {path} lacks LoRA weights for {target}")
                 self._check_shapes(key, target, tuple(st.get_slice(an).get_shape()),
-                                   tuple(st.get_slice(bn).get_shape()), spec.rank)
+                                   tuple(st.get_slice(bn).get_shape()), spec.rank, self.cfg)
         return spec

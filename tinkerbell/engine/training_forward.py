@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from tinkerbell.engine.batch import BatchContext
 from tinkerbell.engine.lora import LoraSegment
 from tinkerbell.engine.models.llama import Attention, CausalLM, DecoderLayer, rotate_half
+from tinkerbell.engine.tp.group import copy_to_tp, reduce_from_tp
 
 # Padded attention groups sequences whose padded cost (count × longest²) stays within this factor of their
 # unpadded cost (Σ length²), so a batch of equal lengths is one SDPA call and a ragged batch only a few.
@@ -171,9 +172,12 @@ class PackedAttention:
 
 def _attention(m: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext,
                attend: PackedAttention) -> torch.Tensor:
-    """`models.llama.Attention.forward` with the attention itself swapped for `attend`."""
+    """`models.llama.Attention.forward` with the attention itself swapped for `attend` (and the same
+    tensor-parallel collectives: `m.cfg` holds the rank's local head counts)."""
     cfg, p, lora = m.cfg, m.prefix, ctx.lora
     t = x.shape[0]
+    if m.tp is not None:
+        x = copy_to_tp(x, m.tp)
     if m.qkv is not None:
         q, k, v = F.linear(x, *m.qkv).split([m.q_proj.out_features, m.k_proj.out_features,
                                              m.v_proj.out_features], dim=-1)
@@ -188,7 +192,8 @@ def _attention(m: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     q = q * c + rotate_half(q) * s
     k = k * c + rotate_half(k) * s
     o = attend(q, k, v).reshape(t, cfg.num_heads * cfg.head_dim)
-    return lora.apply(p + "o_proj", o, m.o_proj(o))
+    out = lora.apply(p + "o_proj", o, m.o_proj(o))
+    return out if m.tp is None else reduce_from_tp(out, m.tp)
 
 
 def layer_forward(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext,
@@ -207,7 +212,7 @@ def packed_positions(lengths: list[int], device: torch.device) -> torch.Tensor:
 def hidden_states(model: CausalLM, input_ids: torch.Tensor, ctx: BatchContext, attend: PackedAttention,
                   checkpoint_layers: bool) -> torch.Tensor:
     """Final-norm hidden states [T, hidden]; `ctx` must carry `position_ids` and a `lora` (TrainLora)."""
-    x = model.model.embed_tokens(input_ids)
+    x = model.embed(input_ids)
     cos, sin = model.rope(ctx.positions(input_ids.device), x.dtype)
     for layer in model.model.layers:
         if checkpoint_layers and torch.is_grad_enabled():

@@ -3,6 +3,12 @@
 The variants differ only in flags of `ModelConfig` (q/k/v bias, Qwen3's q/k RMSNorm, Llama-3.1 RoPE scaling).
 One forward takes a packed batch of many sequences (no padding); `BatchContext` says where each sequence
 starts, what it has cached and which LoRA adapter each token uses.
+
+Tensor parallel (`tp`, see engine/tp/shard.py): the layers are built at the rank's local sizes (a `local_cfg`
+with local head, kv-head, intermediate and vocabulary counts) and the model issues Megatron's collectives:
+`copy_to_tp` where the replicated activation enters column-parallel layers (attention, MLP, LM head inputs),
+`reduce_from_tp` after o_proj and down_proj (their LoRA deltas join the partial sum first, so LoRA adds no
+collective), and a vocab-parallel embedding. `tp=None` is the plain path: no collective, nothing changes.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from tinkerbell.engine.batch import BatchContext
 from tinkerbell.engine.kernels.fused_layer import add_rmsnorm, rope_cache_write, silu_mul
 from tinkerbell.engine.kernels.paged_attention import paged_attention
 from tinkerbell.engine.models.config import ModelConfig
+from tinkerbell.engine.tp.group import TPGroup, copy_to_tp, gather_last_dim, reduce_from_tp
+from tinkerbell.engine.tp.shard import ShardInfo, plan_shard
 
 
 class RMSNorm(nn.Module):
@@ -57,9 +65,10 @@ def _fuse(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TPGroup | None = None):
+        """`cfg` gives the layer's (local, under tp) head counts."""
         super().__init__()
-        self.cfg, self.layer_idx = cfg, layer_idx
+        self.cfg, self.layer_idx, self.tp = cfg, layer_idx, tp
         self.prefix = f"model.layers.{layer_idx}.self_attn."
         hd = cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=cfg.attention_bias)
@@ -78,6 +87,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         cfg, p = self.cfg, self.prefix
         t = x.shape[0]
+        if self.tp is not None:
+            x = copy_to_tp(x, self.tp)
         if self.qkv is not None:
             q, k, v = F.linear(x, *self.qkv).split(
                 [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
@@ -101,7 +112,8 @@ class Attention(nn.Module):
             k = k * c + rotate_half(k) * s
             attn = attend(q, k, v, ctx, self.layer_idx)
         o = attn.reshape(t, cfg.num_heads * cfg.head_dim)
-        return _lora(ctx, p + "o_proj", o, self.o_proj(o))
+        out = _lora(ctx, p + "o_proj", o, self.o_proj(o))
+        return out if self.tp is None else reduce_from_tp(out, self.tp)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BatchContext, layer: int) -> torch.Tensor:
@@ -136,8 +148,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: BatchContext,
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TPGroup | None = None):
         super().__init__()
+        self.tp = tp
         self.prefix = f"model.layers.{layer_idx}.mlp."
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -150,6 +163,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         p = self.prefix
+        if self.tp is not None:
+            x = copy_to_tp(x, self.tp)
         if self.gate_up is not None:
             gu = F.linear(x, *self.gate_up)
             g, u = gu.chunk(2, dim=-1)
@@ -164,16 +179,17 @@ class MLP(nn.Module):
         else:
             g, u = g2, u2
             h = F.silu(g) * u
-        return _lora(ctx, p + "down_proj", h, self.down_proj(h))
+        out = _lora(ctx, p + "down_proj", h, self.down_proj(h))
+        return out if self.tp is None else reduce_from_tp(out, self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TPGroup | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, layer_idx)
+        self.mlp = MLP(cfg, layer_idx, tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
@@ -181,21 +197,27 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class CausalLM(nn.Module):
-    """Parameter names equal HF's (`model.layers.N...`, `lm_head.weight`), so safetensors load by name."""
+    """Parameter names equal HF's (`model.layers.N...`, `lm_head.weight`), so safetensors load by name.
 
-    def __init__(self, cfg: ModelConfig):
+    `cfg` stays the FULL model's config (request validation, vocabulary size); under `tp`, `shard` holds this
+    rank's local sizes (KV-cache kv heads, LoRA shapes: `shard.local_cfg`) and the layers are built at them."""
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None):
         super().__init__()
         self.cfg = cfg
-        self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tp = tp
+        self.shard: ShardInfo | None = plan_shard(cfg, tp.rank, tp.world) if tp is not None else None
+        local = self.shard.local_cfg if self.shard is not None else cfg
+        self.model = Backbone(local, tp)
+        self.lm_head = nn.Linear(cfg.hidden_size, local.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
@@ -214,9 +236,25 @@ class CausalLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    @property
+    def local_cfg(self) -> ModelConfig:
+        """The layers' shapes: `cfg` itself without tp, the rank's local sizes with it."""
+        return self.shard.local_cfg if self.shard is not None else self.cfg
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings; vocab-parallel under tp: each rank looks up the ids in its range, zeros the rest,
+        and the all-reduce leaves every rank with every row."""
+        if self.shard is None:
+            return self.model.embed_tokens(input_ids)
+        s = self.shard
+        local = input_ids - s.vocab_start
+        outside = (local < 0) | (local >= s.vocab_size)
+        x = self.model.embed_tokens(local.masked_fill(outside, 0))
+        return reduce_from_tp(x.masked_fill(outside[:, None], 0), self.tp)
+
     def hidden_states(self, input_ids: torch.Tensor, ctx: BatchContext, checkpoint_layers: bool = False) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] of the packed batch (logits are left to the caller)."""
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos, sin = self.rope(ctx.positions(input_ids.device), x.dtype)
         if ctx.attn is not None and not torch.is_grad_enabled():
             return self._fused_hidden_states(x, cos, sin, ctx)
@@ -243,7 +281,19 @@ class CausalLM(nn.Module):
         return add_rmsnorm(x, residual, norm.weight, norm.eps)[0]
 
     def logits(self, hidden: torch.Tensor, ctx: BatchContext | None = None, row_offset: int = 0) -> torch.Tensor:
-        """Logits of rows of `hidden` (rows start at `row_offset` of the batch, for LoRA on the head)."""
+        """Logits of rows of `hidden` (rows start at `row_offset` of the batch, for LoRA on the head): the full
+        vocabulary on every rank (gathered under tp, outside autograd: the sampler samples from them)."""
+        out = self.local_logits(hidden, ctx, row_offset)
+        if self.shard is None:
+            return out
+        return gather_last_dim(out, self.tp, list(self.shard.vocab_sizes))
+
+    def local_logits(self, hidden: torch.Tensor, ctx: BatchContext | None = None,
+                     row_offset: int = 0) -> torch.Tensor:
+        """This rank's vocabulary columns [shard.vocab_start, shard.vocab_end) (all of them without tp), with
+        autograd: training's vocab-parallel log-softmax reads these, never the gathered logits."""
+        if self.tp is not None:
+            hidden = copy_to_tp(hidden, self.tp)
         out = self.lm_head(hidden)
         if ctx is not None and ctx.lora is not None:
             out = ctx.lora.apply("lm_head", hidden, out, row_offset=row_offset)

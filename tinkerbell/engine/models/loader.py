@@ -11,6 +11,8 @@ from safetensors import safe_open
 
 from tinkerbell.engine.models.config import ModelConfig
 from tinkerbell.engine.models.llama import CausalLM
+from tinkerbell.engine.tp.group import TPGroup
+from tinkerbell.engine.tp.shard import ROW_BIAS, ShardInfo, param_split
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -51,14 +53,18 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.from_hf_dict(cfg)
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
+def load_model(path: Path, dtype: torch.dtype, device: torch.device | str, tp: TPGroup | None = None) -> CausalLM:
+    """The checkpoint as our module; under `tp`, this rank's shard, read slice by slice from the safetensors
+    (never a whole tensor in host memory)."""
     cfg = read_config(path)
     if cfg.is_diffusion:  # LLaDA: its own module (bidirectional), same folder layout
+        if tp is not None:
+            raise ValueError("tensor parallelism (--tp) is not supported for diffusion models (LLaDA); use --tp 1")
         from tinkerbell.engine.models.llada import load_llada
 
         return load_llada(path, cfg, dtype, device)  # type: ignore[return-value]
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = CausalLM(cfg, tp)
     model = model.to_empty(device=device).to(dtype)
     if cfg.tie_word_embeddings:  # to_empty gives every parameter its own storage; tie again
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -74,7 +80,10 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device | str) -> Ca
                 for name in st.keys():
                     if name not in params:
                         continue  # e.g. rotary buffers of older exports
-                    params[name].copy_(st.get_tensor(name).to(dtype))
+                    if model.shard is None:
+                        params[name].copy_(st.get_tensor(name).to(dtype))
+                    else:
+                        _load_shard(st, name, params[name], model.shard, dtype)
                     seen.add(name)
     missing = set(params) - seen
     if cfg.tie_word_embeddings:
@@ -83,6 +92,27 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device | str) -> Ca
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     model.requires_grad_(False)
     return model.eval()
+
+
+def _load_shard(st, name: str, param: torch.Tensor, shard: ShardInfo, dtype: torch.dtype) -> None:
+    """Copy this rank's part of tensor `name` into `param`, reading only that part (`get_slice`)."""
+    split = param_split(name, shard)
+    if split == ROW_BIAS:  # added once, after the all-reduce of the partial sums: rank 0 holds it
+        if shard.rank == 0:
+            param.copy_(st.get_tensor(name).to(dtype))
+        else:
+            param.zero_()
+        return
+    if split is None:
+        piece = st.get_tensor(name)
+    else:
+        dim, start, end = split
+        sl = st.get_slice(name)
+        piece = sl[start:end] if dim == 0 else sl[:, start:end]
+    if tuple(piece.shape) != tuple(param.shape):
+        raise ValueError(f"{name}: the checkpoint's slice has shape {list(piece.shape)}, this rank's shard "
+                         f"expects {list(param.shape)} (config.json does not match the weights?)")
+    param.copy_(piece.to(dtype))
 
 
 def load_tokenizer(path: Path):

@@ -1,0 +1,56 @@
+"""Tiny checkpoints whose shapes exercise the tensor-parallel splits: kv heads split and replicated
+(num_kv_heads < T), a vocabulary not divisible by T, tied embeddings, q/k/v biases (column-split) and
+o/down biases (row-parallel: added once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _build(root: Path, name: str, **kw) -> Path:
+    from tinkerbell.engine.models.tiny import build_tiny_model
+
+    path = root / "tp" / name
+    if not (path / "config.json").exists():
+        build_tiny_model(path, **kw)
+    return path
+
+
+def _llama_with_row_biases(root: Path) -> Path:
+    """Llama with attention_bias and mlp_bias: o_proj and down_proj carry biases (build_tiny_model has none)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tinkerbell.engine.models.tiny import build_tokenizer
+
+    path = root / "tp" / "llama-row-bias"
+    if (path / "config.json").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(path, vocab_size=384)
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                  max_position_embeddings=2048, rms_norm_eps=1e-5, initializer_range=0.2,
+                                  attention_bias=True, mlp_bias=True, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # HF initialises biases to zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tp_models(fixtures_root) -> dict[str, Path]:
+    return {
+        "llama_kv2": _build(fixtures_root, "llama-kv2", arch="llama", num_heads=4, num_kv_heads=2),
+        # kv 1 < T = 2 (replicated kv head), tied embeddings, 383 ids (odd: uneven vocab shards)
+        "qwen3_kv1_odd_vocab": _build(fixtures_root, "qwen3-kv1", arch="qwen3", num_heads=4, num_kv_heads=1,
+                                      tie_word_embeddings=True, vocab_size=383),
+        "llama_biases": _llama_with_row_biases(fixtures_root),
+    }
