@@ -199,6 +199,8 @@ class DiffusionSampler:
         if model.cfg.mask_token_id is None:
             raise ValueError("diffusion model config has no mask_token_id")
         self.model, self.cfg = model, model.cfg
+        if torch.device(device).type == "cuda" and model.transformer.blocks[0].qkv is None:
+            model.fuse_projections()  # one matmul for q/k/v and one for gate/up (the AR sampler's fast path does too)
         self.device, self.dtype = torch.device(device), dtype
         self.mask_id = int(model.cfg.mask_token_id)
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
@@ -428,7 +430,7 @@ class DiffusionSampler:
         conf = torch.where(mask, score.to(torch.float64), float("-inf"))
         k = row.schedule[row.step] if row.step < len(row.schedule) else 1
         transfer = select_transfer(conf, row.masked, k, p.threshold, p.factor)
-        block[transfer] = x0[transfer]
+        block.copy_(torch.where(transfer, x0, block))  # not block[transfer] = ...: a boolean index syncs the GPU
         g0 = s - row.prompt_len
         row.logprobs[g0:g0 + (e - s)] = torch.where(transfer, logp, row.logprobs[g0:g0 + (e - s)])
         row.masked -= k if p.threshold is None and p.factor is None else int(transfer.sum())
