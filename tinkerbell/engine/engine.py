@@ -105,6 +105,8 @@ class Engine:
         elif tp is not None and self.device.type == "cuda":
             self.device = torch.device("cuda", tp.rank)
         self.tp = tp
+        if tp is not None and self.device.type == "cpu":  # the T ranks share the host's cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.world))
         t0 = time.perf_counter()
         if config.dcp_path:
             from tinkerbell.engine.models.dcp import load_model_from_dcp
@@ -326,8 +328,7 @@ class Engine:
         rank = self.tp.rank if self.tp is not None else 0
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 2**20
         kv = getattr(self.sampler, "kv", None)
-        kv_mib = sum(t.numel() * t.element_size() for t in vars(kv).values()
-                     if isinstance(t, torch.Tensor)) / 2**20 if kv is not None else 0.0
+        kv_mib = sum(t.numel() * t.element_size() for t in [*kv.k, *kv.v]) / 2**20 if kv is not None else 0.0
         line = f"tp rank {rank}/{self.config.tp}: weights {weights:.0f} MiB, KV cache {kv_mib:.0f} MiB"
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)

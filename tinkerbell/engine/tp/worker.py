@@ -39,7 +39,7 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 
 def main(rank: int, world: int, init_method: str, config: "EngineConfig", parent_pid: int) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s %(name)s [tp rank {rank}]: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s [tp rank {rank}]: %(message)s", force=True)
     # Ctrl+C reaches the whole process group; the worker stops on rank 0's stop op (or when rank 0 is gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_when_orphaned(parent_pid)
