@@ -75,6 +75,9 @@ class LoraSlots:
         self._clock = 0
         self._versions = 0
         self.loads = 0
+        # Tensor parallel: rank 0 records every (slot, key) load its scheduler makes, so its workers, which
+        # never schedule, repeat them before the next op (engine/tp/executor.py). None: not recording.
+        self.load_log: list[tuple[int, str]] | None = None
 
     # ------------------------------------------------------------------------------------------- registry
 
@@ -196,6 +199,18 @@ class LoraSlots:
         self.slots[slot] = _Slot(key=key, version=src.version, view=view)
         self._resident[key] = slot
         self.loads += 1
+        if self.load_log is not None:
+            self.load_log.append((slot, key))
+
+    def load_as(self, slot: int, key: str) -> None:
+        """A tensor-parallel worker repeats a load rank 0's scheduler made. Workers never pin or release, so
+        the slot stays pinned until rank 0 reuses it: unregistering `key` must not drop weights rank 0 may
+        still be running."""
+        old = self.slots[slot].key
+        if old is not None and self._resident.get(old) == slot:
+            del self._resident[old]
+        self._load(slot, key, self._sources[key])
+        self.slots[slot].pins = 1
 
     def _drop_resident(self, key: str) -> None:
         slot = self._resident.pop(key, None)
