@@ -87,9 +87,10 @@ def exact_check(shape: dict, device: str, args: argparse.Namespace) -> bool:
     model = build({**shape, "n_layers": 2}, device, torch.float32)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, shape["mask_token_id"], (2, args.prompt_len), generator=g).to(device)
-    ref = reference_generate(model, prompts, args.gen, args.gen, args.block)[:, args.prompt_len:].tolist()
+    # The sampler fuses q/k/v and gate/up on the GPU: made first, so the reference runs the same matmuls.
     sampler = DiffusionSampler(model, torch.device(device), torch.float32, eos_token_ids=[], decode=lambda i: "",
                                max_context=4096, batch_size=16)
+    ref = reference_generate(model, prompts, args.gen, args.gen, args.block)[:, args.prompt_len:].tolist()
     ours = ours_tokens(sampler, prompts.tolist(), args.gen, args.gen, args.block, "basic")
     del model, sampler
     return ours == ref
@@ -200,7 +201,7 @@ def start_server(ckpt: Path, work: Path, dp: int, devices: str | None, device: s
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else (devices or saved or "0")
     try:
         launcher = ServerLauncher(str(ckpt), work, extra=["--algorithm", "dual_cache", "--batch-size", "16",
-                                                          "--max-wait-time", "0.05",
+                                                          "--max-wait-time", "0",
                                                           "--health-check-interval", "1"])
         server = launcher.start(dp=dp, name=f"dp{dp}")
     finally:
@@ -286,7 +287,12 @@ def main() -> int:
     try:
         for dp in (1, 2):
             t0 = time.perf_counter()
-            server = start_server(ckpt, work, dp, args.dp2_devices if dp == 2 else None, dev)
+            try:
+                server = start_server(ckpt, work, dp, args.dp2_devices if dp == 2 else None, dev)
+            except Exception as e:  # noqa: BLE001 - the table still shows what was measured
+                notes.append(f"serve --dp {dp} failed to start: {e}")
+                log(notes[-1])
+                continue
             load_s[dp] = time.perf_counter() - t0
             log(f"serve --dp {dp} up in {load_s[dp]:.1f}s")
             try:
@@ -310,6 +316,9 @@ def main() -> int:
                 t, _ = asyncio.run(wave(server.url, server.api_key, ps, body(name, args, args.gen // 4, "dual_cache")))
                 dp_rps[dp] = n / t
                 log(f"dp {dp}: {dp_rps[dp]:.2f} req/s")
+            except Exception as e:  # noqa: BLE001 - the table still shows what was measured
+                notes.append(f"dp {dp} HTTP run failed: {type(e).__name__}: {e}")
+                log(notes[-1])
             finally:
                 server.stop()
     finally:
@@ -331,13 +340,13 @@ def main() -> int:
     for k in "abc":
         fmt = "{:.1f}" if k == "a" else "{:.2f}"
         vals = " | ".join(fmt.format(http[(k, a)]) if (k, a) in http else "-" for a in algos)
-        print(f"| {labels[k]} | {fmt.format(ref[k])} | {vals} | {targets[k]} |")
+        print(f"| {labels[k]} | {fmt.format(ref[k])} | {vals} | {targets[k]} |")  # "-": not measured (see notes)
     pct = lambda x: f"{x:.0f} TFLOP/s = {100 * x / PEAK_TFLOPS:.0f}% of {PEAK_TFLOPS:.0f}"  # noqa: E731
     dual = [pct(step["ours_tflops"]) + f" ({step['ours_ms']:.1f} ms)" if a == "dual_cache" else "-" for a in algos]
     print(f"| (d) block step, batch {n} x {args.block} tokens over {args.prompt_len + args.gen} keys: TFLOP/s | "
           f"plain torch forward: {pct(step['plain_tflops'])} ({step['plain_ms']:.1f} ms) | {' | '.join(dual)} "
           f"| ≥ 65% |")
-    ratio = dp_rps[2] / dp_rps[1] if dp_rps.get(1) else float("nan")
+    ratio = dp_rps[2] / dp_rps[1] if dp_rps.get(1) and dp_rps.get(2) else float("nan")
     print(f"| (e) dp 2 vs dp 1, {n} concurrent, steps {args.gen // 4}, dual_cache ({dp2_where}): requests/s | "
           f"dp 1: {dp_rps.get(1, 0):.2f} | dp 2: {dp_rps.get(2, 0):.2f} = {ratio:.2f}x |" + " |" * (len(algos) - 1)
           + " ≥ 1.9x on 2 GPUs |")
@@ -356,7 +365,7 @@ def main() -> int:
           f" whole run {time.perf_counter() - t_start:.0f}s")
     for note in notes:
         print(f"- {note}")
-    return 0 if exact else 1
+    return 0 if exact and not notes else 1
 
 
 if __name__ == "__main__":
