@@ -4,6 +4,11 @@ Eager for any batch (paged Triton attention, gathered multi-LoRA, fused projecti
 decode-only batches: one graph per (batch-size bucket, with/without LoRA), captured on first use, replayed
 with the step's inputs copied into static buffers. A batch is padded up to its bucket with rows that write
 their K/V to the cache's scratch block and are sliced off the logits.
+
+A decode step of the asynchronous loop (sampler_async.py) comes as arrays (`DecodeRows`) instead of lists:
+its input ids are the previous step's samples, still on the device, copied into the graph's id buffer by
+the GPU; its block tables are a host mirror kept across steps and uploaded only when they changed. Host
+arrays go to the device through pinned memory, so launching a step never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -25,6 +30,21 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
+class DecodeRows:
+    """A decode-only step as arrays, one row per sequence (the asynchronous loop's plan)."""
+
+    ids: torch.Tensor  # int64 [b] input tokens on the model's device (sampled by the previous step)
+    pos: np.ndarray  # int64 [b] position of each input token (its context is pos + 1)
+    slots: np.ndarray  # int64 [b] KV-cache slot each row writes
+    tables: np.ndarray  # int32 [b, width] block tables (a host mirror kept across steps)
+    tables_version: int  # changes whenever `tables` does: an unchanged table is not uploaded again
+    lora: np.ndarray  # int64 [b] LoRA slot of each row (-1: none)
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+
+@dataclass
 class StepPlan:
     """Host-side description of one forward (built by the sampler from its schedule)."""
 
@@ -34,11 +54,35 @@ class StepPlan:
     token_lora: list[int] = field(default_factory=list)  # LoRA slot of every token (-1: none)
     gathered: list[int] = field(default_factory=list)  # rows whose logits are wanted
     gathered_lora: list[int] = field(default_factory=list)
+    rows: DecodeRows | None = None  # set instead of the lists above by the asynchronous decode loop
 
     @property
     def decode_only(self) -> bool:
         """Every sequence contributes one token, and every token samples: the graph-captured case."""
+        if self.rows is not None:
+            return True
         return len(self.ids) == len(self.spans) == len(self.gathered) and self.gathered == list(range(len(self.ids)))
+
+    def ids_tensor(self, device: torch.device) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows.ids
+        return torch.tensor(self.ids, dtype=torch.long).to(device, non_blocking=True)
+
+    def materialize(self) -> "StepPlan":
+        """The list form of an array plan (for the eager and reference paths; ids stay on the device)."""
+        r = self.rows
+        if r is None or self.spans:
+            return self
+        b = len(r)
+        lora = r.lora.tolist()
+        self.ids = [0] * b  # placeholders: `ids_tensor` gives the real ones
+        self.slots = r.slots.tolist()
+        # Whole mirror rows as tables: entries past a row's context are never read.
+        self.spans = [SeqSpan(start=i, length=1, context_len=p + 1, block_table=t)
+                      for i, (p, t) in enumerate(zip(r.pos.tolist(), r.tables.tolist()))]
+        self.token_lora = self.gathered_lora = lora
+        self.gathered = list(range(b))
+        return self
 
 
 class _Graph:
@@ -56,16 +100,18 @@ class ModelRunner:
         self.max_context = max_context
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self.graph_steps = self.eager_steps = 0
+        self._tables_version: int | None = None  # DecodeRows.tables_version now in the static tables
         if self.cuda_graphs:
             self._alloc_static()
 
     # ------------------------------------------------------------------------------------------- eager
 
     def logits(self, plan: StepPlan) -> torch.Tensor:
-        """float32 logits [len(plan.gathered), vocab]."""
-        b = len(plan.ids)
+        """float32 logits [len(plan.gathered), vocab] (one row per sequence for an array plan)."""
+        b = len(plan.rows) if plan.rows is not None else len(plan.ids)
         if self.cuda_graphs and plan.decode_only and b <= GRAPH_BUCKETS[-1]:
             return self._replay(plan)
+        plan.materialize()
         self.eager_steps += 1
         dev = self.device
         ctx = BatchContext(
@@ -74,8 +120,7 @@ class ModelRunner:
             lora=self._lora_for(plan.token_lora), attn=meta_for_spans(plan.spans, dev),
             position_ids=torch.from_numpy(np.concatenate(
                 [np.arange(s.cached_len, s.context_len) for s in plan.spans])).to(dev, non_blocking=True))
-        ids = torch.tensor(plan.ids, dtype=torch.long).to(dev, non_blocking=True)
-        hidden = self.model.hidden_states(ids, ctx)
+        hidden = self.model.hidden_states(plan.ids_tensor(dev), ctx)
         if plan.gathered != list(range(b)):
             hidden = hidden[torch.tensor(plan.gathered, dtype=torch.long).to(dev, non_blocking=True)]
         head = BatchContext(spans=[], lora=self._lora_for(plan.gathered_lora))
@@ -107,7 +152,8 @@ class ModelRunner:
         self._rowdata.copy_(torch.from_numpy(self._host_rows([], [], [], [], GRAPH_BUCKETS[-1])))
         self._tiles.zero_()
 
-    def _host_rows(self, ids: list[int], pos: list[int], slots: list[int], ctx: list[int], bucket: int) -> np.ndarray:
+    def _host_rows(self, ids: list[int] | np.ndarray, pos: list[int] | np.ndarray, slots: list[int] | np.ndarray,
+                   ctx: list[int] | np.ndarray, bucket: int) -> np.ndarray:
         b = len(ids)
         rows = np.empty((4, bucket), dtype=np.int64)
         rows[:, :b] = (ids, pos, slots, ctx)
@@ -139,25 +185,44 @@ class ModelRunner:
             out = self._body(bucket, with_lora)
         return _Graph(graph, out)
 
+    def _upload(self, dst: torch.Tensor, host: np.ndarray) -> None:
+        """Host array → static buffer without waiting for the GPU: a non-blocking copy from pinned memory
+        (torch's pinned allocator keeps the block until the copy has run, so the array may change at once)."""
+        src = torch.from_numpy(host)
+        if dst.is_cuda:
+            src = src.pin_memory()
+        dst.copy_(src, non_blocking=True)
+
     def _replay(self, plan: StepPlan) -> torch.Tensor:
-        b = len(plan.ids)
+        rows = plan.rows
+        b = len(rows) if rows is not None else len(plan.ids)
         bucket = next(x for x in GRAPH_BUCKETS if x >= b)
-        with_lora = any(s >= 0 for s in plan.token_lora)
+        row_lora = rows.lora if rows is not None else np.asarray(plan.token_lora, dtype=np.int64)
+        with_lora = bool((row_lora >= 0).any())
         key = (bucket, with_lora)
         if key not in self._graphs:
             self._graphs[key] = self._capture(bucket, with_lora)
-        width = max(len(s.block_table) for s in plan.spans)
-        tables = np.zeros((b, width), dtype=np.int32)
-        ctx = [s.context_len for s in plan.spans]
-        for i, s in enumerate(plan.spans):
-            tables[i, :len(s.block_table)] = s.block_table
-        host = self._host_rows(plan.ids, [c - 1 for c in ctx], plan.slots, ctx, bucket)
-        self._rowdata[:, :bucket].copy_(torch.from_numpy(host), non_blocking=True)
-        self._tables[:b, :width].copy_(torch.from_numpy(tables), non_blocking=True)
+        if rows is None:
+            width = max(len(s.block_table) for s in plan.spans)
+            tables = np.zeros((b, width), dtype=np.int32)
+            ctx = [s.context_len for s in plan.spans]
+            for i, s in enumerate(plan.spans):
+                tables[i, :len(s.block_table)] = s.block_table
+            self._upload(self._rowdata[:, :bucket], self._host_rows(plan.ids, [c - 1 for c in ctx], plan.slots, ctx,
+                                                                    bucket))
+            self._upload(self._tables[:b, :width], tables)
+            self._tables_version = None
+        else:
+            host = self._host_rows(np.zeros(b, dtype=np.int64), rows.pos, rows.slots, rows.pos + 1, bucket)
+            self._upload(self._rowdata[:, :bucket], host)
+            self._ids[:b].copy_(rows.ids)  # device to device, after the row data: the sampled tokens go in
+            if rows.tables_version != self._tables_version:
+                self._upload(self._tables[:b, :rows.tables.shape[1]], rows.tables)
+                self._tables_version = rows.tables_version
         if with_lora:
-            rows, tiles = plan_tiles(np.asarray(plan.token_lora), num_tiles=max_tiles(bucket, self.lora.max_loras))
-            self._rows[:len(rows)].copy_(torch.from_numpy(rows), non_blocking=True)
-            self._tiles[:, :tiles.shape[0]].copy_(torch.from_numpy(np.ascontiguousarray(tiles.T)), non_blocking=True)
+            lrows, tiles = plan_tiles(row_lora, num_tiles=max_tiles(bucket, self.lora.max_loras))
+            self._upload(self._rows[:len(lrows)], lrows)
+            self._upload(self._tiles[:, :tiles.shape[0]], np.ascontiguousarray(tiles.T))
         self.graph_steps += 1
         graph = self._graphs[key]
         if graph.graph is None:

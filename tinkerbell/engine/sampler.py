@@ -33,6 +33,7 @@ from tinkerbell.engine.lora import AdapterWeights, LoraBatch, LoraSegment
 from tinkerbell.engine.lora_slots import LoraSlots
 from tinkerbell.engine.models.llama import CausalLM
 from tinkerbell.engine.runner import ModelRunner, StepPlan
+from tinkerbell.engine.sampler_async import AsyncDecoder
 from tinkerbell.engine.scheduler import (ScheduledSeq, Scheduler, SeqStatus, Sequence, SequenceGroup)
 from tinkerbell.engine.types import EngineUserError, SampledSequence, SampleJob, SampleResult
 
@@ -55,7 +56,9 @@ class _Rows:
 class Sampler:
     """Multi-LoRA sampler over one base model. Besides the engine's arguments: `max_batch_tokens` is the token
     budget of one step (decode tokens + prefill chunks), `max_running_seqs` caps the running batch, `fast`
-    picks the fast path (default: on CUDA) and `cuda_graphs` lets it capture decode steps."""
+    picks the fast path (default: on CUDA), `cuda_graphs` lets it capture decode steps and `async_decode`
+    launches each steady-state decode step before reading the previous one (default: on CUDA; fast path
+    only; sampler_async.py)."""
 
     # Tensor parallel (engine/tp/executor.py): rank 0 broadcasts each planned step here before executing it,
     # so its workers run `execute` with the same plan.
@@ -64,7 +67,8 @@ class Sampler:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, max_loras: int,
                  max_lora_rank: int, block_size: int, num_blocks: int, max_context: int,
                  eos_token_ids: list[int], decode: Callable[[list[int]], str], max_batch_tokens: int = 512,
-                 max_running_seqs: int = 256, fast: bool | None = None, cuda_graphs: bool = True):
+                 max_running_seqs: int = 256, fast: bool | None = None, cuda_graphs: bool = True,
+                 async_decode: bool | None = None):
         self.model, self.cfg = model, model.cfg
         self.device, self.dtype = torch.device(device), dtype
         self.max_context = max_context
@@ -91,6 +95,10 @@ class Sampler:
         self._ids = itertools.count()
         self._counters = {"requests_finished": 0, "requests_failed": 0, "tokens_generated": 0,
                           "tokens_computed": 0, "prefix_cache_hit_tokens": 0, "steps": 0}
+        # Asynchronous decode (sampler_async.py): on by default on the GPU's fast path; tests force it on
+        # the CPU. Never under tensor parallelism (see _async_on).
+        self.async_decode = (self.device.type == "cuda") if async_decode is None else async_decode
+        self._async = AsyncDecoder(self)
 
     # ------------------------------------------------------------------------------------------- adapters
 
@@ -181,11 +189,20 @@ class Sampler:
     # ------------------------------------------------------------------------------------------- the loop
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._async.inflight is not None
+
+    def _async_on(self) -> bool:
+        # Tensor-parallel workers run rank 0's plans (on_plan), and a plan whose input ids live on rank 0's
+        # GPU is not one they can run: TP decodes synchronously.
+        return self.async_decode and self.fast and self.on_plan is None
 
     def step(self) -> None:
-        """One scheduler iteration: schedule, one packed forward, sample, retire finished requests."""
+        """One scheduler iteration: schedule, one packed forward, sample, retire finished requests. With a
+        decode step in flight (asynchronous decode) it launches the next one first, then reads that one."""
         self._reap_cancelled()
+        if self._async.inflight is not None:
+            self._async.advance()
+            return
         out = self.scheduler.schedule()
         for group, exc in out.failed:
             self._fail_group(group, exc)
@@ -199,7 +216,10 @@ class Sampler:
             logits = self.execute(plan, out.copies)
             # Logprobs as logits - logsumexp, formed only for the rows that need them (never a [R, V] copy).
             lse = logits.logsumexp(dim=-1)
-            self._postprocess(out.scheduled, rows, logits, lse)
+            if self._async_on() and self._async.deferrable(out.scheduled, rows):
+                self._async.launch_scheduled(out.scheduled, logits, lse)
+            else:
+                self._postprocess(out.scheduled, rows, logits, lse)
 
     def execute(self, plan: StepPlan, copies: list[tuple[int, int, int]]) -> torch.Tensor:
         """The step's only work on model tensors: KV prefix copies, then one forward → float32 logits of the
@@ -406,6 +426,7 @@ class Sampler:
         prefix cache is dropped too: a step that failed half-way may have left blocks half-written."""
         groups = list(self._groups.values())
         self._groups.clear()
+        self._async.drop()
         self.scheduler.running.clear()
         self.scheduler.waiting.clear()
         self.blocks.reset()

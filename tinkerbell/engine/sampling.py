@@ -68,7 +68,8 @@ def make_generator(seed: int | None, sample_index: int, device: torch.device) ->
 
 def _filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Tempered logits with everything outside each row's top-k / top-p set to -inf."""
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    dev = logits.device
+    temps = _to_device(np.array([p.temperature for p in params], dtype=np.float32), dev).to(logits.dtype)
     scaled = logits / temps[:, None]
     if not any(p.filtered for p in params):
         return scaled
@@ -76,10 +77,10 @@ def _filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     # Stable sort: among equal logits the lower id ranks first, as argmax would pick it.
     sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
     rank = torch.arange(vocab, device=logits.device)[None, :]
-    ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=logits.device)
+    ks = _to_device(np.array([p.top_k if p.top_k > 0 else vocab for p in params], dtype=np.int64), dev)
     drop = rank >= ks[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    top_ps = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=logits.device)
+    top_ps = _to_device(np.array([p.top_p for p in params], dtype=np.float32), dev).to(logits.dtype)
     probs = sorted_logits.softmax(dim=-1)
     # Keep the smallest prefix whose mass reaches top_p: a token goes when the mass before it already does.
     mass_before = probs.cumsum(dim=-1) - probs
@@ -107,23 +108,57 @@ def sample_fast(logits: torch.Tensor, params: list[SamplingParams], seeds: list[
                 positions: list[int]) -> torch.Tensor:
     """One token id per row of float32 `logits` [R, V], all rows at once; row i's noise is keyed by
     (seeds[i], positions[i]), the position being the index its token will take in the sequence."""
-    from tinkerbell.engine.kernels.gumbel_sample import row_keys, sample_rows
+    return RowSampling.build(params, seeds, logits.device).sample(logits, np.asarray(positions, dtype=np.int64))
 
-    if all(p.greedy for p in params):
-        return logits.argmax(dim=-1)
-    dev = logits.device
-    temps = [0.0 if p.greedy else p.temperature for p in params]
-    filtered = [i for i, p in enumerate(params) if p.filtered]
-    if filtered:
-        # Filtered rows are tempered by the filter already, so they draw at temperature 1.
-        logits = logits.clone()
-        index = torch.tensor(filtered, device=dev)
-        logits[index] = _filter_logits(logits[index], [params[i] for i in filtered])
-        for i in filtered:
-            temps[i] = 1.0
-    keys = row_keys(torch.tensor(seeds, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64))
-    return sample_rows(logits, torch.tensor(temps, dtype=torch.float32).to(dev, non_blocking=True),
-                       keys.to(dev, non_blocking=True))
+
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device without waiting for the GPU (pinned source, non-blocking copy)."""
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+@dataclass
+class RowSampling:
+    """The sampling inputs of a fixed list of rows that do not change from step to step (params, seeds,
+    temperatures on the device), so a run of decode steps over the same sequences builds them once."""
+
+    params: list[SamplingParams]
+    seeds: np.ndarray  # int64 [R]
+    all_greedy: bool
+    filtered: list[int]  # rows with top-k / top-p
+    temps: torch.Tensor | None  # float32 [R] on the device; 0 = greedy, 1 for filtered rows (tempered already)
+
+    @classmethod
+    def build(cls, params: list[SamplingParams], seeds: list[int] | np.ndarray, device: torch.device) -> "RowSampling":
+        if all(p.greedy for p in params):
+            return cls(params, np.asarray(seeds, dtype=np.int64), True, [], None)
+        filtered = [i for i, p in enumerate(params) if p.filtered]
+        temps = np.array([0.0 if p.greedy else 1.0 if p.filtered else p.temperature for p in params],
+                         dtype=np.float32)
+        return cls(params, np.asarray(seeds, dtype=np.int64), False, filtered, _to_device(temps, device))
+
+    def subset(self, keep: np.ndarray) -> "RowSampling":
+        """The same rows' inputs for the rows `keep` (indices, in order)."""
+        params = [self.params[i] for i in keep.tolist()]
+        if self.all_greedy:
+            return RowSampling(params, self.seeds[keep], True, [], None)
+        return RowSampling.build(params, self.seeds[keep], self.temps.device)
+
+    def sample(self, logits: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """One token per row; `positions` (int64 [R]) are the indices the drawn tokens will take."""
+        from tinkerbell.engine.kernels.gumbel_sample import row_keys, sample_rows
+
+        if self.all_greedy:
+            return logits.argmax(dim=-1)
+        dev = logits.device
+        if self.filtered:
+            logits = logits.clone()
+            index = _to_device(np.asarray(self.filtered, dtype=np.int64), dev)
+            logits[index] = _filter_logits(logits[index], [self.params[i] for i in self.filtered])
+        keys = row_keys(self.seeds, positions.astype(np.int64))  # numpy: the same integer arithmetic as torch
+        return sample_rows(logits, self.temps, _to_device(np.ascontiguousarray(keys), dev))
 
 
 def topk(logprobs: torch.Tensor, k: int, lse: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:

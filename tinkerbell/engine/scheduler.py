@@ -76,7 +76,10 @@ class Sequence:
     generator: torch.Generator | None  # the reference sampler's noise source
     seed: int = 0  # the fast sampler's noise key (sampling.sample_fast)
     status: SeqStatus = SeqStatus.WAITING
-    num_computed: int = 0  # tokens whose K/V are in the cache
+    num_computed: int = 0  # tokens whose K/V are in the cache (or being computed by a launched step)
+    # Tokens sampled on the GPU by launched steps but not read yet (asynchronous decode, 0 to 2): they follow
+    # `tokens`, whose entries are all known. The scheduler counts them as the sequence's length.
+    num_pending: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, computed lazily
     num_registered: int = 0  # leading full blocks already offered to the prefix cache
@@ -94,8 +97,13 @@ class Sequence:
         return len(self.tokens) - self.num_prompt
 
     @property
+    def length(self) -> int:
+        """Known tokens plus those sampled on the GPU and not read yet."""
+        return len(self.tokens) + self.num_pending
+
+    @property
     def num_uncomputed(self) -> int:
-        return len(self.tokens) - self.num_computed
+        return len(self.tokens) + self.num_pending - self.num_computed
 
     @property
     def in_prompt_prefill(self) -> bool:
@@ -147,6 +155,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def may_admit(self) -> bool:
+        """Whether the next schedule() could admit a waiting sequence (the asynchronous decode loop hands
+        such steps to the synchronous path, which admits and prefills)."""
+        return bool(self.waiting) and len(self.running) < self.max_running_seqs
+
     def fork(self, parent: Sequence, children: list[Sequence]) -> None:
         """Children continue from the parent's state, sharing its blocks (reference counted)."""
         at = self.running.index(parent) + 1
@@ -160,10 +173,22 @@ class Scheduler:
         self.running[at:at] = children
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        seq.stop_reason = reason
-        self._release_blocks(seq)
-        seq.status = SeqStatus.FINISHED
-        self.running.remove(seq)
+        self.finish_many([(seq, reason)])
+
+    def finish_many(self, done: list[tuple[Sequence, str]]) -> None:
+        """Retire sequences; one pass over the running list however many finish (a batch of 256 often
+        finishes in one step)."""
+        if not done:
+            return
+        for seq, reason in done:
+            seq.stop_reason = reason
+            self._release_blocks(seq)
+            seq.status = SeqStatus.FINISHED
+            seq.num_pending = 0  # a token sampled past the stop is discarded
+        if len(done) == 1:
+            self.running.remove(done[0][0])
+        else:
+            self.running = [s for s in self.running if s.status is not SeqStatus.FINISHED]
 
     def abort(self, group: SequenceGroup) -> None:
         """Drop every sequence of a group (cancelled or failed) and give back its blocks and slot."""
@@ -174,6 +199,7 @@ class Scheduler:
                 self.waiting.remove(seq)
             self._release_blocks(seq)
             seq.status = SeqStatus.FINISHED
+            seq.num_pending = 0
         self.release_slot(group)
 
     def release_slot(self, group: SequenceGroup) -> None:
@@ -182,8 +208,9 @@ class Scheduler:
             group.slot = None
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Offer the blocks this step filled to the prefix cache."""
-        full = seq.num_computed // self.blocks.block_size
+        """Offer the blocks this step filled to the prefix cache: full blocks of known tokens whose K/V are
+        computed (a token still pending on the GPU cannot be hashed yet)."""
+        full = min(seq.num_computed, len(seq.tokens)) // self.blocks.block_size
         if full <= seq.num_registered:
             return
         hashes = seq.hashes(self.blocks.block_size, full)
@@ -296,6 +323,7 @@ class Scheduler:
         return copies
 
     def _preempt(self, seq: Sequence) -> None:
+        assert seq.num_pending == 0, "preempting a sequence with tokens still on the GPU"
         self.running.remove(seq)
         self._release_blocks(seq)
         seq.status = SeqStatus.WAITING

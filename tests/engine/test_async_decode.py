@@ -1,0 +1,131 @@
+"""Asynchronous decode (sampler_async.py) on the CPU, forced on with the fast path and the runner's CPU graph
+emulation: the same tokens, logprobs, stop reasons and streamed tokens as the synchronous path for batches
+whose sequences stop at different steps (stop token, stop string, max_tokens), with num_samples > 1,
+seeded and filtered draws, cancellation mid-run and preemption; and step n+1 really is launched before
+step n's tokens are read."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tinkerbell.engine.kernels.gumbel_sample import row_keys
+from tinkerbell.engine.types import SampleJob, SampleResult
+from tests.engine.test_sampler import PROMPTS, _tokenizer, drain, make_sampler, run, submit
+
+
+def _sampler(path, async_decode: bool, **kw):
+    kw.setdefault("cuda_graphs", True)
+    return make_sampler(path, fast=True, async_decode=async_decode, **kw)
+
+
+def _same(got: list[SampleResult], ref: list[SampleResult]) -> None:
+    for g, r in zip(got, ref, strict=True):
+        assert [(s.tokens, s.stop_reason) for s in g.sequences] == [(s.tokens, s.stop_reason) for s in r.sequences]
+        for gs, rs in zip(g.sequences, r.sequences):
+            assert np.allclose(gs.logprobs, rs.logprobs, atol=1e-5)
+
+
+def _stopping_jobs(path) -> list[SampleJob]:
+    """Requests that end at different steps, each for a different reason; the stop token and string are
+    taken from an unstopped greedy run so they really fire mid-way."""
+    free = run(_sampler(path, False, eos=[]), [SampleJob(prompt=p, max_tokens=24, temperature=0.0)
+                                                for p in PROMPTS[:2]])
+    toks0, toks1 = free[0].sequences[0].tokens, free[1].sequences[0].tokens
+    stop_tok = next(t for i, t in enumerate(toks0) if i >= 4 and t not in toks0[:i])
+    text = _tokenizer(path).decode(toks1[:9], skip_special_tokens=False)
+    stop_str = text[-2:] if text[-2:] not in _tokenizer(path).decode(toks1[:7]) else text[-1]
+    return [
+        SampleJob(prompt=PROMPTS[0], max_tokens=24, temperature=0.0, stop_token_ids=[stop_tok], stop_at_eos=False),
+        SampleJob(prompt=PROMPTS[1], max_tokens=24, temperature=0.0, stop_strings=[stop_str], stop_at_eos=False),
+        SampleJob(prompt=PROMPTS[2], max_tokens=6, temperature=0.0, stop_at_eos=False),
+        SampleJob(prompt=PROMPTS[3], max_tokens=1, temperature=0.0, stop_at_eos=False),
+        SampleJob(prompt=PROMPTS[0], max_tokens=11, temperature=1.0, seed=5, num_samples=3, top_p=0.9,
+                  stop_at_eos=False),
+        SampleJob(prompt=PROMPTS[1], max_tokens=17, temperature=0.8, seed=6, stop_at_eos=False),
+    ]
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_async_equals_sync_when_sequences_stop_at_different_steps(tiny_llama_dir, cuda_graphs):
+    jobs = _stopping_jobs(tiny_llama_dir)
+    ref = run(_sampler(tiny_llama_dir, False, eos=[], cuda_graphs=cuda_graphs), jobs)
+    lengths = [len(s.tokens) for r in ref for s in r.sequences]
+    assert [r.sequences[0].stop_reason for r in ref[:3]] == ["stop", "stop", "length"]
+    assert len(set(lengths)) >= 5  # the batch really shrinks step by step
+    sampler = _sampler(tiny_llama_dir, True, eos=[], cuda_graphs=cuda_graphs)
+    got = run(sampler, jobs)
+    _same(got, ref)
+    st = sampler.stats()
+    assert st["kv_blocks_used"] == 0 and st["running_seqs"] == 0
+    assert st["tokens_generated"] == sum(lengths)  # discarded tokens are never counted
+    assert sampler._async.launched >= 15  # the steady state ran asynchronously
+
+
+def test_streamed_tokens_are_the_kept_ones(tiny_llama_dir):
+    jobs = _stopping_jobs(tiny_llama_dir)
+    streams = {}
+    for mode in (False, True):
+        seen: list[tuple[int, int, int, float]] = []
+        for j, job in enumerate(jobs):
+            job.on_token = lambda i, t, lp, j=j: seen.append((j, i, t, lp))
+        results = run(_sampler(tiny_llama_dir, mode, eos=[]), jobs)
+        for j, res in enumerate(results):  # per request and sample: exactly the result's tokens, in order
+            for i, seq in enumerate(res.sequences):
+                assert [t for (jj, ii, t, _) in seen if (jj, ii) == (j, i)] == seq.tokens
+        streams[mode] = sorted((j, i, t) for j, i, t, _ in seen)
+    assert streams[True] == streams[False]
+
+
+def test_step_n_plus_1_is_launched_before_step_n_is_read(tiny_llama_dir):
+    events: list[str] = []
+    sampler = _sampler(tiny_llama_dir, True, eos=[])
+    forward = sampler.execute
+    sampler.execute = lambda plan, copies: (events.append("forward"), forward(plan, copies))[1]
+    job = SampleJob(prompt=PROMPTS[0], max_tokens=10, temperature=0.0, stop_at_eos=False,
+                    on_token=lambda i, t, lp: events.append("token"))
+    run(sampler, [job])
+    # Forwards seen when each token is read: the prefill's token synchronously (1), then every decode's
+    # token only after the next decode was launched (k + 2), except the last one, which nothing follows.
+    seen, forwards = [], 0
+    for e in events:
+        forwards += e == "forward"
+        if e == "token":
+            seen.append(forwards)
+    assert seen == [1] + [k + 2 for k in range(1, 9)] + [10]
+
+
+def test_cancel_mid_run_frees_everything_and_leaves_the_others_unchanged(tiny_llama_dir):
+    jobs = [SampleJob(prompt=p, max_tokens=20, temperature=0.0, stop_at_eos=False) for p in PROMPTS]
+    ref = run(_sampler(tiny_llama_dir, False), [jobs[0], jobs[2], jobs[3]])
+    sampler = _sampler(tiny_llama_dir, True)
+    futs = [submit(sampler, j) for j in jobs]
+    for _ in range(6):
+        sampler.step()
+    assert sampler._async.inflight is not None  # cancelled while one of its steps is in flight
+    futs[1].cancel()
+    drain(sampler)
+    _same([f.result(timeout=0) for f in (futs[0], futs[2], futs[3])], ref)
+    st = sampler.stats()
+    assert st["kv_blocks_used"] == 0 and st["running_seqs"] == 0 and not sampler.has_work()
+
+
+def test_preemption_under_a_small_cache_gives_the_sync_tokens(tiny_llama_dir):
+    g = torch.Generator().manual_seed(3)
+    jobs = [SampleJob(prompt=torch.randint(0, 300, (9 + 3 * i,), generator=g).tolist(), max_tokens=24,
+                      temperature=0.0 if i % 2 else 1.0, seed=i, stop_at_eos=False, num_samples=2 if i == 2 else 1)
+            for i in range(5)]
+    ref = run(_sampler(tiny_llama_dir, False, num_blocks=256), jobs)
+    sampler = _sampler(tiny_llama_dir, True, num_blocks=12)  # 12 blocks of 4 tokens: not all fit at once
+    got = run(sampler, jobs)
+    _same(got, ref)
+    st = sampler.stats()
+    assert st["preemptions"] > 0 and st["kv_blocks_used"] == 0 and sampler._async.launched > 0
+
+
+def test_host_noise_keys_equal_the_torch_form():
+    rng = np.random.default_rng(0)
+    seeds = rng.integers(0, 2**63 - 1, 500, dtype=np.int64)
+    pos = rng.integers(0, 2**31, 500, dtype=np.int64)
+    assert np.array_equal(row_keys(seeds, pos), row_keys(torch.from_numpy(seeds), torch.from_numpy(pos)).numpy())
