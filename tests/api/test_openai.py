@@ -259,3 +259,44 @@ def test_stream_disconnect_cancels_the_engine_request(env):
     while samplers.in_flight and time.monotonic() < deadline:
         time.sleep(0.05)
     assert samplers.in_flight == 0  # /stats counts this face's requests, and the cancelled one settled
+
+
+def _stream_texts(env, body: dict) -> tuple[list[str], int]:
+    """(text of each chunk that has some, usage.completion_tokens) of a streamed /v1/completions."""
+    import json
+
+    texts, tokens = [], 0
+    with env.http.stream("POST", "/v1/completions", json={**body, "stream": True,
+                         "stream_options": {"include_usage": True}}, headers=A) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                d = json.loads(line[6:])
+                if d["choices"] and d["choices"][0]["text"]:
+                    texts.append(d["choices"][0]["text"])
+                if d.get("usage"):
+                    tokens = d["usage"]["completion_tokens"]
+    return texts, tokens
+
+
+def test_a_busy_loop_gets_several_tokens_per_chunk_and_the_same_text(env):
+    """While the event loop is busy the engine goes on producing tokens; the next flush sends all of them in one
+    chunk per choice (not one chunk per token), and the chunks still add up to the non-streamed text, also
+    when a stop string falls after the stall (held back across the flushes)."""
+    import threading
+
+    body = {"model": env.model, "prompt": "One, two, three", "max_tokens": 400, "temperature": 0.7, "seed": 3,
+            "ignore_eos": True}
+    plain = post(env, "/v1/completions", body).json()["choices"][0]["text"]
+    stop = plain[3 * len(plain) // 4:][:3]
+    cut = post(env, "/v1/completions", {**body, "stop": [stop]}).json()["choices"][0]["text"]
+    assert stop and stop not in cut and plain.startswith(cut)
+    loop = env.server.servers[0].get_loop()  # the uvicorn server's event loop (in its thread)
+    for want, extra in ((plain, {}), (cut, {"stop": [stop]})):
+        stall = threading.Timer(0.2, lambda: loop.call_soon_threadsafe(time.sleep, 0.4))
+        stall.start()
+        texts, tokens = _stream_texts(env, {**body, **extra})
+        stall.join()
+        assert "".join(texts) == want
+        if not extra:
+            assert tokens == 400 and max(len(t) for t in texts) > 20, (len(texts), tokens)

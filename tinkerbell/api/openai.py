@@ -6,10 +6,13 @@ its answer as OpenAI JSON. Every error under /v1 is OpenAI's `{"error": {"messag
 (the Tinker face keeps `{"detail": ...}`): bad input is a 4xx naming the field, never a 5xx.
 
 Streaming: the response headers, and for chat the role chunk, go out at once. Without logprobs or echo, chunks
-carry text as the engine produces it (each token's arrival sends what is
-now certain, holding back what a stop string could still cut); with them, the finished completion goes out one
-token's text per chunk. Either way the chunks concatenate to exactly the non-streamed text. A client that
-disconnects, mid-stream or while a non-streamed request waits, cancels the engine job, which frees its KV blocks.
+carry text as the engine produces it: whenever the stream wakes it sends, per choice, one chunk with all the
+text that became certain since the last one (holding back what a stop string could still cut). An idle server
+wakes once per decode step, so each token goes out at once; a busy one wakes less often than the engine steps,
+and a chunk then carries several tokens' text, so the API's work follows the number of flushes, not of tokens.
+With logprobs or echo, the finished completion goes out one token's text per chunk. Either way the chunks
+concatenate to exactly the non-streamed text. A client that disconnects, mid-stream or while a non-streamed
+request waits, cancels the engine job, which frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ import uuid
 from typing import Any, AsyncIterator, Callable, Coroutine
 
 import pydantic
+
+try:  # several times faster than json for the many small SSE chunks; the stdlib is the fallback
+    import orjson
+except ImportError:  # pragma: no cover - orjson is in requirements.lock
+    orjson = None  # type: ignore[assignment]
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -249,8 +257,14 @@ def _chat_logprob(t: TokenLogprob) -> dict[str, Any]:
             "top_logprobs": [{"token": a, "logprob": b, "bytes": list(a.encode())} for a, b in t.top]}
 
 
+def _dumps(obj: Any) -> str:
+    if orjson is not None:
+        return orjson.dumps(obj).decode()
+    return json.dumps(obj, separators=(",", ":"))
+
+
 def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+    return f"data: {_dumps(obj)}\n\n"
 
 
 class _Stream:
@@ -263,6 +277,16 @@ class _Stream:
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        # The live text chunk, the stream's most frequent, is formatted from this prefix: only the index and
+        # the text change (same JSON as chunk([piece(index, text, None, None)])).
+        self._head = "data: " + _dumps({"id": self.id, "object": self.object, "created": self.created,
+                                        "model": self.model})[:-1] + ',"choices":[{"index":'
+        self._text_key = ',"delta":{"content":' if kind == "chat" else ',"text":'
+        self._text_tail = ('},"logprobs":null,"finish_reason":null}]}\n\n' if kind == "chat"
+                           else ',"logprobs":null,"finish_reason":null}]}\n\n')
+
+    def text_chunk(self, index: int, content: str) -> str:
+        return f"{self._head}{index}{self._text_key}{_dumps(content)}{self._text_tail}"
 
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         return _sse({"id": self.id, "object": self.object, "created": self.created, "model": self.model,
@@ -280,9 +304,9 @@ class _Stream:
         results: asyncio.Future[Completion] | None = None
         try:
             if self.kind == "chat":
-                for i in range(self.sub.options.n * len(self.sub.prompts)):
-                    yield self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                       "logprobs": None, "finish_reason": None}])
+                yield "".join(self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None}])
+                              for i in range(self.sub.options.n * len(self.sub.prompts)))
             sent: dict[int, str] = {}  # choice index -> text already streamed live
             results = asyncio.ensure_future(self.s.completions.results(self.sub))
             if self.sub.live is not None:
@@ -296,42 +320,43 @@ class _Stream:
                                       "param": param, "code": code}})
                 yield "data: [DONE]\n\n"
                 return
-            for c in done.choices:
-                for p in self._choice_pieces(c, sent.get(c.index, "")):
-                    yield p
+            # One write per choice (a logprobs stream has a chunk per token), the usage and [DONE] in the last.
+            for c in done.choices[:-1]:
+                yield "".join(self._choice_pieces(c, sent.get(c.index, "")))
+            last = [p for c in done.choices[-1:] for p in self._choice_pieces(c, sent.get(c.index, ""))]
             if self.include_usage:
-                yield self.chunk([], usage=_usage(done))
-            yield "data: [DONE]\n\n"
+                last.append(self.chunk([], usage=_usage(done)))
+            yield "".join(last) + "data: [DONE]\n\n"
         finally:
             self.sub.cancel()  # a no-op once finished; frees the KV blocks of a request the client abandoned
             if results is not None and not results.done():
                 results.cancel()
 
     async def _live(self, results: "asyncio.Future[Completion]", sent: dict[int, str]) -> AsyncIterator[str]:
-        """Text as the engine produces it: each token's arrival streams whatever text is now certain."""
-        live = self.sub.live
-        assert live is not None
+        """Text as the engine produces it: each wake-up sends, per choice, what became certain since the last."""
+        feed = self.sub.live
+        assert feed is not None
+        results.add_done_callback(lambda _f: feed.event.set())
         n = self.sub.options.n
         texts: dict[int, LiveText] = {}
-        while not results.done():
-            getter = asyncio.ensure_future(live.get())
-            await asyncio.wait({getter, results}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                break
-            items = [getter.result()]
-            while not live.empty():
-                items.append(live.get_nowait())
-            for index, tok in items:
-                if index not in texts:
-                    texts[index] = self.s.completions.live_text(self.sub.prompts[index // n], self.sub.options)
-                texts[index].add(tok)
-            for index in {i for i, _ in items}:
-                safe = texts[index].certain()
-                done_text = sent.get(index, "")
-                if len(safe) > len(done_text) and safe.startswith(done_text):
-                    sent[index] = safe
-                    yield self.chunk([self.piece(index, safe[len(done_text):], None, None)])
+        try:
+            while not results.done():
+                await feed.event.wait()
+                out = []
+                for index, tokens in feed.take().items():
+                    live = texts.get(index)
+                    if live is None:
+                        live = texts[index] = self.s.completions.live_text(self.sub.prompts[index // n],
+                                                                            self.sub.options)
+                    live.append(tokens)
+                    new = live.take()
+                    if new:
+                        out.append(self.text_chunk(index, new))
+                if out:
+                    yield "".join(out)  # one write for every choice that got text
+        finally:
+            for index, live in texts.items():
+                sent[index] = live.text[:live.sent]
 
     def _choice_pieces(self, c: Choice, already: str = "") -> list[str]:
         """The rest of a finished choice after the `already` streamed text, then its finish chunk."""

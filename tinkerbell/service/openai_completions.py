@@ -9,8 +9,11 @@ the OpenAI JSON shapes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
+import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -91,9 +94,9 @@ class Submitted:
     options: SamplingOptions
     futures: list[Future]
     discard_output: bool  # echo with max_tokens=0: the engine ran one token we do not return
-    # Streaming: (choice index, token id) as the engine keeps each token; None when the stream is built from the
+    # Streaming: the engine's tokens per choice as it keeps them; None when the stream is built from the
     # finished result instead (echo or logprobs, whose chunks need the whole result).
-    live: "asyncio.Queue[tuple[int, int]] | None" = None
+    live: "LiveFeed | None" = None
 
     def cancel(self) -> None:
         for f in self.futures:
@@ -102,32 +105,115 @@ class Submitted:
 
 class LiveText:
     """One choice's text as its tokens arrive, and how much of it is certain to begin the final text: not what a
-    stop string still being completed could cut, nor anything from a stop string on."""
+    stop string still being completed could cut, nor anything from a stop string on.
+
+    `append` takes any number of tokens at once (whatever arrived since the last flush: the sampler's tokens of
+    one or more steps, a diffusion LM's finished block) and decodes them together; how the tokens are split
+    into appends does not change the text. The stop-string search resumes where the last one left off, so a
+    long output costs linear time, not a rescan per flush."""
 
     def __init__(self, decoder: text.PieceDecoder, opts: SamplingOptions):
         self.decoder, self.opts = decoder, opts
         self.text = ""  # pieces so far; bytes still waiting for their character are not in it yet
+        self.sent = 0  # characters of the certain text already handed out by `take`
+        self._hold = max((len(s) for s in opts.stop), default=1) - 1  # a stop string's length - 1
+        self._scanned = 0  # no stop string begins before this index
+        self._cut: int | None = None  # the text's final length, once a stop string was found
+
+    def append(self, tokens: Sequence[int]) -> None:
+        if self._cut is None:  # past a stop string nothing more is returned
+            self.text += self.decoder.add_many(tokens)
 
     def add(self, token: int) -> None:
-        self.text += self.decoder.add(token)
+        self.append((token,))
 
     def certain(self) -> str:
-        hit = text.find_stop(self.text, self.opts.stop)
-        if hit is not None:
-            return self.text[: hit[0] + (len(hit[1]) if self.opts.include_stop else 0)]
-        hold = max((len(s) for s in self.opts.stop), default=1) - 1
-        return self.text[: len(self.text) - hold] if hold else self.text
+        if self._cut is None and self.opts.stop:
+            hit = text.find_stop(self.text, self.opts.stop, self._scanned)
+            if hit is not None:
+                self._cut = hit[0] + (len(hit[1]) if self.opts.include_stop else 0)
+            else:
+                # A stop string beginning before this point would lie wholly inside the text: it was not there.
+                self._scanned = max(self._scanned, len(self.text) - self._hold)
+        if self._cut is not None:
+            return self.text[:self._cut]
+        return self.text[: len(self.text) - self._hold] if self._hold else self.text
+
+    def take(self) -> str:
+        """The certain text not taken before (empty when nothing new is certain)."""
+        safe = self.certain()
+        new = safe[self.sent:]
+        self.sent = max(self.sent, len(safe))
+        return new
 
 
-def _put_block(live: "asyncio.Queue[tuple[int, int]]", index: int, tokens: list[int]) -> None:
-    for tok in tokens:
-        live.put_nowait((index, tok))
+class _Waker:
+    """One per event loop: the engine thread's way in. However many requests got tokens in a step, the loop is
+    woken once (one call_soon_threadsafe, one self-pipe write) and sets the event of every feed that got some."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()  # guards every feed's buffer of this loop and the fields below
+        self.ready: list[LiveFeed] = []
+        self.scheduled = False
+
+    def run(self) -> None:  # on the loop
+        with self.lock:
+            ready, self.ready, self.scheduled = self.ready, [], False
+        for feed in ready:
+            feed.event.set()
+
+
+class LiveFeed:
+    """One streamed request's tokens on their way from the engine thread to its SSE generator.
+
+    The engine calls `on_token` once per token (or `on_block` once per finished block of a diffusion LM); the
+    tokens go into a per-choice buffer, and only the first arrival since the stream last took them wakes the
+    loop. The stream takes everything buffered at once (`take`), so per-token Python on the loop is a list
+    append; decoding, stop-string checks and the SSE chunk happen once per flush per choice."""
+
+    def __init__(self, waker: _Waker):
+        self.waker = waker
+        self.event = asyncio.Event()  # set when tokens arrived (or the request settled)
+        self.buffers: dict[int, list[int]] = {}  # choice index -> tokens not taken yet
+        self.pending = False  # this feed is on the waker's ready list
+
+    def _push(self, index: int, tokens: Sequence[int]) -> None:  # on the engine thread
+        w = self.waker
+        with w.lock:
+            buf = self.buffers.get(index)
+            if buf is None:
+                self.buffers[index] = list(tokens)
+            else:
+                buf.extend(tokens)
+            if self.pending:
+                return
+            self.pending = True
+            w.ready.append(self)
+            if w.scheduled:
+                return
+            w.scheduled = True
+        w.loop.call_soon_threadsafe(w.run)
+
+    def on_token(self, base: int, index: int, token: int, _logprob: float) -> None:
+        self._push(base + index, (token,))
+
+    def on_block(self, base: int, index: int, tokens: Sequence[int], _finished: bool) -> None:
+        self._push(base + index, tokens)
+
+    def take(self) -> dict[int, list[int]]:
+        """Every token that arrived since the last take, per choice index (on the loop)."""
+        self.event.clear()
+        with self.waker.lock:
+            out, self.buffers, self.pending = self.buffers, {}, False
+        return out
 
 
 class CompletionService:
     def __init__(self, engine: "Engine", samplers: SamplerManager, adapters: AdapterRegistry, model_name: str):
         self.engine, self.samplers, self.adapters = engine, samplers, adapters
         self.model_name = model_name
+        self._wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker]" = weakref.WeakKeyDictionary()
 
     @property
     def tokenizer(self) -> Any:
@@ -227,18 +313,18 @@ class CompletionService:
                 stop_strings=list(opts.stop), stop_at_eos=not opts.ignore_eos, adapter_key=adapter_key,
                 prompt_logprobs=opts.echo and opts.logprobs is not None,
                 topk_prompt_logprobs=k if opts.echo else 0, topk_sample_logprobs=k, **opts.diffusion))
-        live: asyncio.Queue[tuple[int, int]] | None = None
+        live: LiveFeed | None = None
         if stream and opts.logprobs is None and not opts.echo:
-            live = asyncio.Queue()
             loop = asyncio.get_running_loop()
+            waker = self._wakers.get(loop)
+            if waker is None:
+                waker = self._wakers[loop] = _Waker(loop)
+            live = LiveFeed(waker)
             for j, job in enumerate(jobs):
-                # Runs on the engine thread: hop onto the event loop.
-                job.on_token = (lambda i, tok, _lp, base=j * opts.n:
-                                loop.call_soon_threadsafe(live.put_nowait, (base + i, tok)))
-                # A diffusion LM finishes a block of tokens at once: the same per-choice appends, in one hop,
-                # so the stream sends the block as one chunk.
-                job.on_block = (lambda i, toks, _done, base=j * opts.n:
-                                loop.call_soon_threadsafe(_put_block, live, base + i, list(toks)))
+                # Run on the engine thread. A diffusion LM finishes a block of tokens at once: the same
+                # per-choice buffer, so the stream sends the block in one chunk.
+                job.on_token = functools.partial(live.on_token, j * opts.n)
+                job.on_block = functools.partial(live.on_block, j * opts.n)
         futures = []
         for job in jobs:
             self.samplers.samples_requested += job.num_samples
@@ -298,6 +384,13 @@ class CompletionService:
 
     def _choice(self, index: int, prompt: list[int], seq: SampledSequence, opts: SamplingOptions) -> Choice:
         tok = self.tokenizer
+        if opts.logprobs is None:
+            # No per-token figures to align with the text: two decodes for the whole output, not two per token.
+            full = text.output_text(tok, prompt, seq.tokens)
+            hit = text.find_stop(full, opts.stop) if opts.stop else None
+            if hit is not None:
+                full = full[:hit[0] + (len(hit[1]) if opts.include_stop else 0)]
+            return Choice(index, [full] if full else [], "stop" if hit else seq.stop_reason)
         pieces, stopped = text.apply_stop(text.token_pieces(tok, prompt, seq.tokens), opts.stop, opts.include_stop)
         finish = "stop" if stopped else seq.stop_reason
         logprobs = None
@@ -313,9 +406,9 @@ class CompletionService:
 
     def _echo(self, prompt: list[int], result: SampleResult) -> tuple[list[str], list[TokenLogprob] | None]:
         tok = self.tokenizer
-        pieces = text.token_pieces(tok, [], prompt)
         if result.prompt_logprobs is None:
-            return pieces, None
+            return [text.output_text(tok, [], prompt)], None
+        pieces = text.token_pieces(tok, [], prompt)
         lps: list[TokenLogprob] = []
         for i, t in enumerate(prompt):
             lp = None if i == 0 else float(result.prompt_logprobs[i])
