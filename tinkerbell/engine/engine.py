@@ -94,6 +94,8 @@ class Engine:
         # A fatal tensor-parallel failure (a worker died, ranks out of step) ends the process by default.
         self.on_fatal: Callable[[str], None] = _exit_process
         self._current: list[_Job] = []  # the jobs the loop is running now (failed too if the group dies)
+        self._fatal_lock = threading.Lock()
+        self._fatal_msg: str | None = None
         if tp is None and config.tp > 1:
             from tinkerbell.engine.tp.group import init_tp
             from tinkerbell.engine.tp.launch import Workers
@@ -310,7 +312,15 @@ class Engine:
 
     def _fatal(self, msg: str) -> None:
         """The TP group is broken (a worker died, or ranks are out of step): fail every pending future with a
-        message saying why, then `on_fatal` (default: exit the process non-zero; it must not hang)."""
+        message saying why, then `on_fatal` (default: exit the process non-zero; it must not hang). Called by
+        the worker monitor and by the engine thread (whose collective fails when a peer dies): once."""
+        if self.workers is not None and "exited with code" not in msg:
+            # A failed collective is usually a dead peer: name it rather than the socket error it caused.
+            msg = self.workers.death_message(timeout=2.0) or msg
+        with self._fatal_lock:
+            if self._fatal_msg is not None:
+                return
+            self._fatal_msg = msg
         log.critical("%s; failing every pending request", msg)
         exc = RuntimeError(f"{msg}. The server is stopping; see its log.")
         jobs = list(self._current) + list(self._jobs) + [j for q in list(self._runs.values()) for j in q]

@@ -56,13 +56,24 @@ class Workers:
                 rank = sentinels.pop(s)
                 if self._stopping.is_set():
                     return
-                p = self.procs[rank - 1]
-                p.join(timeout=1)
-                msg = (f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}; "
-                       "the replica cannot run without it")
+                msg = self._death(rank)
                 log.error(msg)
                 self.on_death(msg)
                 return
+
+    def _death(self, rank: int) -> str:
+        p = self.procs[rank - 1]
+        p.join(timeout=1)  # reap it, so its exit code is known
+        return (f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}; "
+                "the replica cannot run without it")
+
+    def death_message(self, timeout: float) -> str | None:
+        """Rank 0 saw a collective fail: if a worker died (or dies within `timeout`), the message naming it."""
+        dead = wait([p.sentinel for p in self.procs], timeout=timeout)
+        for rank, p in enumerate(self.procs, start=1):
+            if p.sentinel in dead:
+                return self._death(rank)
+        return None
 
     def stop(self, timeout: float = 10.0) -> None:
         """After the stop op: wait for clean exits, then terminate (and kill) whatever is left."""
