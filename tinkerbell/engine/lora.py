@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from tinkerbell.engine.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from tinkerbell.engine.tp.shard import ShardInfo
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -56,7 +60,8 @@ class LoraSpec:
 
 
 def module_shape(cfg: ModelConfig, key: str) -> tuple[int, int]:
-    """(in_features, out_features) of the linear layer named by `key`."""
+    """(in_features, out_features) of the linear layer named by `key`. Under tensor parallelism, the full
+    model's config gives the whole adapter's shapes and `shard.local_cfg` (`CausalLM.local_cfg`) a rank's."""
     name = key.rsplit(".", 1)[-1]
     q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = {
@@ -90,8 +95,18 @@ class AdapterWeights:
         seed: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        shard: "ShardInfo | None" = None,
     ) -> "AdapterWeights":
-        """PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so a fresh adapter changes nothing."""
+        """PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so a fresh adapter changes nothing.
+
+        With a tensor-parallel `shard` (and `cfg` the full model's), every rank draws the whole adapter from the
+        same seed and keeps its piece, so an adapter initialised at TP T equals the one at TP 1 exactly."""
+        if shard is not None:
+            if seed is None:
+                raise ValueError("a sharded adapter needs an explicit seed (every rank must draw the same one)")
+            from tinkerbell.engine.tp.shard import shard_adapter
+
+            return shard_adapter(cls.init(cfg, spec, seed, dtype, device), shard)
         gen = torch.Generator(device="cpu")
         gen.manual_seed(seed if seed is not None else torch.seed())
         out = cls(spec=spec)

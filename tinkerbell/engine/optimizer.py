@@ -4,6 +4,10 @@ The update is torch.optim.AdamW's single-tensor algorithm (decoupled weight deca
 the square root) and the clipping is torch.nn.utils.clip_grad_norm_'s; they are re-stated here because Tinker
 sends new hyper-parameters with every `optim_step` (schedules live client-side), and because the state has to
 travel in checkpoints as plain named tensors.
+
+Under tensor parallelism each rank steps its own pieces of the adapters; the gradient norm (clipping, the
+non-finite check) is the whole adapter's, summed over ranks with each replicated tensor counted once
+(`AdamW.norm_owner`), so every rank takes the same decision and replicated tensors stay identical.
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tinkerbell.engine.types import AdamParams, EngineUserError
+
+if TYPE_CHECKING:
+    from tinkerbell.engine.tp.group import TPGroup
 
 STATE_FILE = "optimizer_state.safetensors"
 _FORMAT = "tinkerbell-adamw-1"
@@ -44,6 +52,9 @@ class AdamW:
     exp_avg: dict[str, torch.Tensor]
     exp_avg_sq: dict[str, torch.Tensor]
     step_count: int = 0
+    # Tensor parallel: whether this rank counts each parameter in the global gradient norm (the first of the
+    # ranks holding a replicated tensor does; every rank counts its split pieces). None: all of them.
+    norm_owner: dict[str, bool] | None = None
 
     @classmethod
     def for_params(cls, params: dict[str, torch.Tensor]) -> "AdamW":
@@ -69,8 +80,9 @@ class AdamW:
         save_file(tensors, str(path), metadata={"format": _FORMAT, "step": str(self.step_count)})
         return path.stat().st_size
 
-    def load(self, src_dir: Path) -> None:
-        """Restore state written by `save` for the same parameter names."""
+    def load(self, src_dir: Path, reshard: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Restore state written by `save` for the same parameter names; `reshard(name, whole)` cuts each
+        saved (whole) moment to this rank's piece under tensor parallelism."""
         path = src_dir / STATE_FILE
         if not path.exists():
             raise EngineUserError("this checkpoint has no optimizer state (it was saved without it); "
@@ -84,19 +96,29 @@ class AdamW:
             if names != want:
                 raise EngineUserError("the checkpoint's optimizer state does not match its adapter's parameters")
             for k, p in self.params.items():
-                self.exp_avg[k] = f.get_tensor(f"exp_avg.{k}").to(device=p.device, dtype=p.dtype)
-                self.exp_avg_sq[k] = f.get_tensor(f"exp_avg_sq.{k}").to(device=p.device, dtype=p.dtype)
+                for kind, moments in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                    t = f.get_tensor(f"{kind}.{k}")
+                    if reshard is not None:
+                        t = reshard(k, t)
+                    if t.shape != p.shape:
+                        raise EngineUserError("the checkpoint's optimizer state does not match its adapter's "
+                                              f"shapes ({kind}.{k}: {list(t.shape)} vs {list(p.shape)})")
+                    moments[k] = t.to(device=p.device, dtype=p.dtype)
             self.step_count = int(meta["step"])
 
 
 @torch.no_grad()
-def fused_step(opts: Sequence[AdamW], hps: Sequence[AdamParams]) -> list[dict[str, float] | EngineUserError]:
+def fused_step(opts: Sequence[AdamW], hps: Sequence[AdamParams],
+               tp: "TPGroup | None" = None) -> list[dict[str, float] | EngineUserError]:
     """One AdamW step for each (optimizer, hyper-parameters) pair, as a handful of `torch._foreach_*` launches
     over every tensor of every adapter instead of ~6 launches per tensor. Per-tensor scalar lists carry each
     run's own learning rate, betas and bias corrections, so the arithmetic is exactly the per-run update.
 
     A run whose parameters or gradients are refused gets its EngineUserError in its result slot; the others
-    step regardless. One device-to-host sync reads every run's gradient norm."""
+    step regardless. One device-to-host sync reads every run's gradient norm.
+
+    With `tp` every rank calls this with the same runs (gradients already summed over ranks where replicated):
+    one all-reduce adds the ranks' squared norms, so the norm, the clipping and the refusals agree."""
     results: list[dict[str, float] | EngineUserError | None] = [None] * len(opts)
     live: list[tuple[int, AdamW, AdamParams, list[str]]] = []
     for i, (opt, hp) in enumerate(zip(opts, hps)):
@@ -115,11 +137,14 @@ def fused_step(opts: Sequence[AdamW], hps: Sequence[AdamParams]) -> list[dict[st
 
     grads_of = [[opt.params[k].grad for k in keys] for _, opt, _, keys in live]
     flat_norms = torch._foreach_norm([g for grads in grads_of for g in grads])
-    run_norms, at = [], 0
-    for grads in grads_of:
-        run_norms.append(torch.linalg.vector_norm(torch.stack(flat_norms[at:at + len(grads)])))
-        at += len(grads)
-    norms = torch.stack(run_norms).tolist()
+    if tp is None:
+        run_norms, at = [], 0
+        for grads in grads_of:
+            run_norms.append(torch.linalg.vector_norm(torch.stack(flat_norms[at:at + len(grads)])))
+            at += len(grads)
+        norms = torch.stack(run_norms).tolist()
+    else:
+        norms = _global_norms(live, flat_norms, tp)
 
     P, G, M, V = [], [], [], []
     decay, lerp_w, beta2, one_minus_beta2, bias2_sqrt, eps, step_size = [], [], [], [], [], [], []
@@ -163,3 +188,19 @@ def fused_step(opts: Sequence[AdamW], hps: Sequence[AdamParams]) -> list[dict[st
         for p in P:
             p.grad = None
     return results  # type: ignore[return-value]
+
+
+def _global_norms(live: list[tuple[int, AdamW, AdamParams, list[str]]], flat_norms: list[torch.Tensor],
+                  tp: "TPGroup") -> list[float]:
+    """Each run's gradient norm over its whole adapter: this rank's squared norms of the tensors it counts,
+    summed over the ranks in one all-reduce."""
+    squares, at = [], 0
+    for _, opt, _, keys in live:
+        counted = [flat_norms[at + j].float() for j, k in enumerate(keys)
+                   if opt.norm_owner is None or opt.norm_owner[k]]
+        at += len(keys)
+        squares.append(torch.stack(counted).square().sum() if counted
+                       else flat_norms[0].new_zeros((), dtype=torch.float32))
+    total = torch.stack(squares)
+    dist.all_reduce(total, group=tp.group)
+    return total.sqrt().tolist()

@@ -10,6 +10,13 @@ accumulate across micro-batches as across calls. The forward is training_forward
 attention call per layer on GPU, LoRA in the model's dtype). Logits are computed in row chunks under activation
 checkpointing, so only one [chunk, vocab] block is alive at a time, in the forward and in the backward.
 `optim_steps` steps many runs' AdamW in one fused update.
+
+Tensor parallel (`tp`): each rank holds its pieces of every run's adapter and moments (engine/tp/shard.py) and
+runs the same calls in the same order as the others (engine/tp/executor.py mirrors them). Log-probabilities are
+vocab-parallel (a global max, a summed exp-sum and the target logit summed from the rank whose vocabulary range
+holds it; full logits are never gathered). Replicated LoRA tensors get the sum of the ranks' partial gradients
+in one all-reduce before each step. `save` gathers whole tensors to rank 0, which alone writes, so a checkpoint
+is an ordinary PEFT adapter whatever the TP degree; `load` reads it whole and keeps this rank's pieces.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from tinkerbell.engine.adapter_io import load_peft, save_peft
@@ -26,7 +34,10 @@ from tinkerbell.engine.batch import BatchContext
 from tinkerbell.engine.lora import AdapterWeights, LoraSegment, LoraSpec, module_shape
 from tinkerbell.engine.losses import LossConfig, LossFn, flat_inputs, resolve, validate
 from tinkerbell.engine.models.llama import CausalLM
-from tinkerbell.engine.optimizer import AdamW, fused_step
+from tinkerbell.engine.optimizer import AdamW, check_params, fused_step
+from tinkerbell.engine.tp.group import TPGroup, reduce_from_tp
+from tinkerbell.engine.tp.shard import gather_lora_tensors, norm_owner, shard_adapter, shard_lora_tensor, \
+    sync_replicated_grads
 from tinkerbell.engine.training_forward import PackedAttention, TrainLora, hidden_states, packed_positions
 from tinkerbell.engine.training_memory import MemoryPlan, plan_memory
 from tinkerbell.engine.types import AdamParams, EngineUserError, ForwardBackwardResult, TrainDatum
@@ -81,16 +92,23 @@ def _frozen_view(w: AdapterWeights) -> AdapterWeights:
 class Trainer:
     def __init__(self, model: CausalLM, device: torch.device,
                  logits_chunk_elems: int = DEFAULT_LOGITS_CHUNK_ELEMS, checkpoint_layers: bool | None = None,
-                 gpu_paths: bool | None = None, memory: MemoryPlan | None = None):
+                 gpu_paths: bool | None = None, memory: MemoryPlan | None = None, tp: TPGroup | None = None):
         """`checkpoint_layers` None: by the memory plan; `gpu_paths` (None: on CUDA) turns on padded attention
         and stacked multi-adapter LoRA instead of per-sequence / per-segment loops; `memory`: a fixed plan
-        instead of the measured one (tests)."""
+        instead of the measured one (tests); `tp`: the model's tensor-parallel group (default: `model.tp`)."""
         self.model = model
-        self.cfg = model.cfg
+        self.cfg = model.cfg  # the full model's (validation, whole-adapter shapes)
+        self.tp = tp if tp is not None else getattr(model, "tp", None)
+        self.shard = getattr(model, "shard", None)
+        if self.tp is not None and (self.shard is None or model.tp is not self.tp):
+            raise ValueError("Trainer(tp=...) needs the model sharded over the same group (load_model(..., tp=tp))")
         self.device = torch.device(device)
         first = next(model.parameters())
         self.model_dtype, self.model_device = first.dtype, first.device
-        self.chunk_rows = max(1, logits_chunk_elems // self.cfg.vocab_size)
+        # Under tp the chunking must be the same on every rank (each chunk runs collectives): size it by the
+        # largest vocabulary share, which is rank 0's.
+        self.local_vocab = self.shard.vocab_sizes[0] if self.shard is not None else self.cfg.vocab_size
+        self.chunk_rows = max(1, logits_chunk_elems // self.local_vocab)
         self.checkpoint_layers = checkpoint_layers
         self.gpu_paths = gpu_paths
         self._memory = memory
@@ -110,7 +128,10 @@ class Trainer:
             raise EngineUserError(f"training run {run_id!r} already exists")
         for t in weights.parameters():
             t.requires_grad_(True)
-        self._runs[run_id] = _Run(weights=weights, optimizer=optimizer or AdamW.for_params(_named_params(weights)))
+        optimizer = optimizer or AdamW.for_params(_named_params(weights))
+        if self.shard is not None:
+            optimizer.norm_owner = {k: norm_owner(k, self.shard, weights.spec.rank) for k in optimizer.params}
+        self._runs[run_id] = _Run(weights=weights, optimizer=optimizer)
 
     def create(self, run_id: str, spec: LoraSpec, seed: int | None) -> None:
         if spec.rank < 1:
@@ -119,7 +140,10 @@ class Trainer:
             raise EngineUserError("lora_config: at least one of train_attn, train_mlp, train_unembed must be true")
         if run_id in self._runs:  # before spending time on initialisation
             raise EngineUserError(f"training run {run_id!r} already exists")
-        self._add(run_id, AdapterWeights.init(self.cfg, spec, seed, dtype=torch.float32, device=self.device))
+        if self.shard is not None and seed is None:
+            raise EngineUserError("a tensor-parallel trainer needs a seed for a new adapter (rank 0 draws one)")
+        self._add(run_id, AdapterWeights.init(self.cfg, spec, seed, dtype=torch.float32, device=self.device,
+                                              shard=self.shard))
 
     def remove(self, run_id: str) -> None:
         self._get(run_id)
@@ -132,7 +156,7 @@ class Trainer:
         return self._get(run_id).weights.spec
 
     def snapshot(self, run_id: str) -> AdapterWeights:
-        """A detached copy in the model's dtype, for the sampler: views into one buffer made by one concatenation
+        """A detached copy in the model's dtype (this rank's pieces under tp), for the sampler: views into one buffer made by one concatenation
         and one cast, rather than an allocation, a cast and a copy per tensor (~450 launches for 1B at r32)."""
         w = self._get(run_id).weights
         src = w.parameters()
@@ -267,7 +291,7 @@ class Trainer:
     def memory_plan(self) -> MemoryPlan:
         """Measured once, on first use: by then the sampler's KV cache holds its share of the GPU."""
         if self._memory is None:
-            self._memory = plan_memory(self.model, self.chunk_rows * self.cfg.vocab_size)
+            self._memory = plan_memory(self.model, self.chunk_rows * self.local_vocab)
         return self._memory
 
     def _targets(self, segments: list[TrainSegment]) -> _Targets:
@@ -306,8 +330,29 @@ class Trainer:
 
     def _chunk_logprobs(self, hidden: torch.Tensor, ctx: BatchContext, row_offset: int, local_rows: torch.Tensor,
                         ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is not None:
+            return self._chunk_logprobs_tp(hidden, ctx, row_offset, local_rows, ids)
         logits = self.model.logits(hidden, ctx, row_offset=row_offset).float()
         return logits[local_rows, ids] - torch.logsumexp(logits, dim=-1)[local_rows]
+
+    def _chunk_logprobs_tp(self, hidden: torch.Tensor, ctx: BatchContext, row_offset: int,
+                           local_rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel log-softmax: each rank holds logits of its vocabulary range only. The max is a
+        detached all-reduce (it cancels out of the gradient); the exp-sums and the target logits (non-zero on
+        the one rank whose range holds the id) are summed with `reduce_from_tp`, whose backward leaves each
+        rank the gradient of its own columns."""
+        assert self.shard is not None and self.tp is not None
+        logits = self.model.local_logits(hidden, ctx, row_offset=row_offset).float()
+        with torch.no_grad():
+            top = logits.max(dim=-1).values
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.tp.group)
+        sumexp = reduce_from_tp((logits - top[:, None]).exp().sum(dim=-1), self.tp)
+        lse = sumexp.log() + top
+        local_ids = ids - self.shard.vocab_start
+        mine = (local_ids >= 0) & (local_ids < self.shard.vocab_size)
+        picked = logits[local_rows, local_ids.clamp(0, self.shard.vocab_size - 1)]
+        target = reduce_from_tp(torch.where(mine, picked, torch.zeros_like(picked)), self.tp)
+        return target - lse[local_rows]
 
     def optim_step(self, run_id: str, params: AdamParams) -> dict[str, float]:
         out = self.optim_steps([(run_id, params)])[0]
@@ -335,7 +380,10 @@ class Trainer:
                     continue
                 seen.add(run_id)
                 batch.append(i)
-            outs = fused_step([self._runs[steps[i][0]].optimizer for i in batch], [steps[i][1] for i in batch])
+            if self.tp is not None:
+                self._sync_grads(batch, steps)
+            outs = fused_step([self._runs[steps[i][0]].optimizer for i in batch], [steps[i][1] for i in batch],
+                              tp=self.tp)
             for i, out in zip(batch, outs):
                 results[i] = out
                 if not isinstance(out, Exception):
@@ -343,13 +391,52 @@ class Trainer:
             pending = later
         return results  # type: ignore[return-value]
 
+    def _sync_grads(self, batch: list[int], steps: list[tuple[str, AdamParams]]) -> None:
+        """Sum the replicated LoRA tensors' partial gradients over the ranks, for the runs that will step (a
+        step refused for its parameters keeps its gradients, which must not be summed twice)."""
+        params: list[tuple[str, torch.Tensor]] = []
+        for i in batch:
+            try:
+                check_params(steps[i][1])
+            except EngineUserError:
+                continue
+            params += list(self._runs[steps[i][0]].optimizer.params.items())
+        assert self.tp is not None and self.shard is not None
+        sync_replicated_grads(params, self.tp, self.shard)
+
     # ------------------------------------------------------------------------------------------- checkpoints
 
     def save(self, run_id: str, out_dir: Path, with_optimizer: bool, base_model: str) -> int:
+        """Write the run's adapter (and optimizer state) as whole tensors. Under tp every rank calls it, the
+        pieces are gathered to rank 0 and only rank 0 writes (the others return 0)."""
         run = self._get(run_id)
+        if self.tp is not None:
+            return self._save_tp(run, out_dir, with_optimizer, base_model)
         written = save_peft(run.weights, out_dir, base_model)
         if with_optimizer:
             written += run.optimizer.save(out_dir)
+        return written
+
+    def _save_tp(self, run: _Run, out_dir: Path, with_optimizer: bool, base_model: str) -> int:
+        assert self.tp is not None and self.shard is not None
+        opt = run.optimizer
+        names = list(opt.params)
+        items = [(k, opt.params[k]) for k in names]
+        if with_optimizer:
+            items += [(k, opt.exp_avg[k]) for k in names] + [(k, opt.exp_avg_sq[k]) for k in names]
+        whole = gather_lora_tensors(items, self.tp, self.shard)
+        if whole is None:
+            return 0
+        n = len(names)
+        keys = list(run.weights.a)
+        full = dict(zip(names, whole[:n]))
+        weights = AdapterWeights(spec=run.weights.spec, a={k: full[f"{k}.lora_A"] for k in keys},
+                                 b={k: full[f"{k}.lora_B"] for k in keys})
+        written = save_peft(weights, out_dir, base_model)
+        if with_optimizer:
+            state = AdamW(params=full, exp_avg=dict(zip(names, whole[n:2 * n])),
+                          exp_avg_sq=dict(zip(names, whole[2 * n:])), step_count=opt.step_count)
+            written += state.save(out_dir)
         return written
 
     def load(self, run_id: str, src_dir: Path, with_optimizer: bool) -> LoraSpec:
@@ -364,9 +451,19 @@ class Trainer:
             raise EngineUserError("the checkpoint's adapter is unreadable or does not fit this base model "
                                   "(a target module's LoRA weights are missing)") from None
         self._check_shapes(weights)
+        reshard = None
+        if self.shard is not None:  # every rank reads the whole adapter and keeps its pieces
+            shard = self.shard
+            weights = shard_adapter(weights, shard)
+
+            def reshard(name: str, t: torch.Tensor) -> torch.Tensor:
+                try:
+                    return shard_lora_tensor(name, t, shard)
+                except ValueError as e:
+                    raise EngineUserError(f"the checkpoint's optimizer state does not fit its adapter: {e}") from None
         optimizer = AdamW.for_params(_named_params(weights))
         if with_optimizer:
-            optimizer.load(src_dir)
+            optimizer.load(src_dir, reshard=reshard)
         self._add(run_id, weights, optimizer)
         return weights.spec
 

@@ -19,17 +19,17 @@ from tinkerbell.engine.tp.group import TPGroup
 from tinkerbell.engine.tp.shard import shard_adapter
 
 
-def nonzero_adapter(cfg, rank: int, seed: int) -> AdapterWeights:
+def nonzero_adapter(cfg, rank: int, seed: int, scale: float) -> AdapterWeights:
     """A whole adapter with random B (a fresh one has B = 0 and would change nothing)."""
     w = AdapterWeights.init(cfg, LoraSpec(rank=rank), seed=seed)
     g = torch.Generator().manual_seed(seed + 1000)
     for key in w.b:
-        w.b[key] = torch.randn(w.b[key].shape, generator=g) * 0.3
+        w.b[key] = torch.randn(w.b[key].shape, generator=g) * scale
     return w
 
 
-def write_adapter(cfg, out_dir: Path, rank: int = 4, seed: int = 1) -> Path:
-    save_peft(nonzero_adapter(cfg, rank, seed), out_dir, "tiny")
+def write_adapter(cfg, out_dir: Path, rank: int = 4, seed: int = 1, scale: float = 0.3) -> Path:
+    save_peft(nonzero_adapter(cfg, rank, seed, scale), out_dir, "tiny")
     return out_dir
 
 
@@ -77,4 +77,81 @@ def sampler_logits(tp: TPGroup | None, path: Path, seqs: list[list[int]], adapte
         n0 = len(seqs[0])
         lb = LoraBatch([LoraSegment(n0, n0 + len(seqs[1]), local)])
         out["plain_lora"] = model(torch.cat(ids), BatchContext.for_packed([len(s) for s in seqs], lora=lb))
+    return out
+
+
+def cross_entropy_data(vocab: int, seed: int = 0, lengths: tuple[int, ...] = (6, 11, 4)) -> list:
+    """Datums whose targets span both ends of the vocabulary (every rank's range holds some)."""
+    import numpy as np
+
+    from tinkerbell.engine.types import TrainDatum
+
+    g = torch.Generator().manual_seed(seed)
+    data = []
+    for n in lengths:
+        target = torch.randint(0, vocab, (n,), generator=g).numpy()
+        target[:2] = [0, vocab - 1]
+        weights = (torch.rand(n, generator=g) + 0.5).numpy().astype(np.float32)
+        data.append(TrainDatum(torch.randint(0, vocab, (n,), generator=g).numpy(),
+                               {"target_tokens": target, "weights": weights}))
+    return data
+
+
+def _whole(named: list[tuple[str, torch.Tensor]], tp: TPGroup | None, shard) -> dict[str, torch.Tensor]:
+    """Whole tensors of this rank's pieces (gathered to rank 0 under tp; other ranks get {})."""
+    from tinkerbell.engine.tp.shard import gather_lora_tensors
+
+    if tp is None:
+        return {n: t.detach().clone() for n, t in named}
+    whole = gather_lora_tensors(named, tp, shard)
+    return {} if whole is None else {n: t for (n, _), t in zip(named, whole)}
+
+
+def train_steps(tp: TPGroup | None, path: Path, adapter_dir: Path, save_dir: Path, steps: int = 2) -> dict:
+    """Load a (non-zero B) adapter with its run, then `steps` × (forward_backward, AdamW step), logits in
+    5-row chunks; records per step the target logprobs and loss, the gradients the step used (replicated
+    tensors summed over ranks, as the step does), and after the last step the parameters (whole, and this
+    rank's own pieces), then saves the run with its optimizer state into `save_dir` (rank 0 writes)."""
+    from tinkerbell.engine.tp.shard import sync_replicated_grads
+    from tinkerbell.engine.training import Trainer
+    from tinkerbell.engine.types import AdamParams
+
+    model = load_model(path, torch.float32, "cpu", tp)
+    vocab_share = model.shard.vocab_sizes[0] if model.shard is not None else model.cfg.vocab_size
+    trainer = Trainer(model, torch.device("cpu"), logits_chunk_elems=5 * vocab_share, tp=tp)
+    trainer.load("r", adapter_dir, with_optimizer=False)
+    opt = trainer._runs["r"].optimizer  # noqa: SLF001 - the test reads the run's leaves and moments
+    # eps well above float32 noise: Adam's first steps move each weight by ~lr·sign(grad), so with a tiny eps a
+    # gradient entry that is zero up to rounding would flip sign between TP 1 and TP 2 and amplify the rounding.
+    hp = AdamParams(learning_rate=1e-2, eps=1e-3, weight_decay=0.01, grad_clip_norm=50.0)
+    out: dict = {"logprobs": [], "loss": [], "grads": [], "grad_norm": []}
+    for step in range(steps):
+        res = trainer.forward_backward("r", cross_entropy_data(model.cfg.vocab_size, seed=step), "cross_entropy",
+                                       {}, forward_only=False)
+        out["logprobs"].append([o["logprobs"] for o in res.outputs])
+        out["loss"].append(res.metrics["loss:sum"])
+        grads = []
+        for name, p in opt.params.items():  # summed copies: the run's own gradients stay for its step
+            leaf = torch.zeros_like(p)
+            leaf.grad = p.grad.clone()
+            grads.append((name, leaf))
+        if tp is not None:
+            sync_replicated_grads(grads, tp, model.shard)
+        out["grads"].append(_whole([(n, leaf.grad) for n, leaf in grads], tp, model.shard))
+        out["grad_norm"].append(trainer.optim_step("r", hp)["grad_norm"])
+    out["params"] = _whole(list(opt.params.items()), tp, model.shard)
+    out["exp_avg"] = _whole(list(opt.exp_avg.items()), tp, model.shard)
+    out["local_params"] = {n: p.detach().clone() for n, p in opt.params.items()}
+    trainer.save("r", save_dir, with_optimizer=True, base_model="tiny")
+    if tp is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=tp.group)  # rank 0 alone writes the checkpoint; the others read it next
+    # the whole checkpoint read back on every rank, each keeping its pieces (weights and moments)
+    trainer.load("again", save_dir, with_optimizer=True)
+    again = trainer._runs["again"].optimizer  # noqa: SLF001
+    out["reloaded_local"] = {n: (again.params[n].detach().clone(), again.exp_avg[n].clone(),
+                                 again.exp_avg_sq[n].clone()) for n in again.params}
+    out["local_state"] = {n: (opt.params[n].detach().clone(), opt.exp_avg[n].clone(), opt.exp_avg_sq[n].clone())
+                          for n in opt.params}
     return out
