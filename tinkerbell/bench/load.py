@@ -20,6 +20,9 @@ from tinkerbell.bench.metrics import summarize
 
 # Low ids are special tokens in most vocabularies; random ids above them make plain (if meaningless) text.
 _FIRST_ID = 16
+# Text chunks closer together than this came out of one buffer, not from decode steps: no decoder steps a
+# request's tokens this fast, while a client parses a burst of buffered chunks in tens of microseconds each.
+BURST_GAP_S = 0.002
 
 
 @dataclass
@@ -41,6 +44,20 @@ class RequestRecord:
     e2e: float = float("nan")
     itl: list[float] = field(default_factory=list)
     error: str = ""
+
+    @property
+    def burst(self) -> bool:
+        """Did the text arrive in one burst at the end (a server or proxy that buffers the stream) rather than
+        spread over the generation? One burst: the chunks with text came back to back (median gap under
+        BURST_GAP_S, or a single chunk) and the span from the first to the last is under a tenth of the request's
+        time. Queueing does not look like this: a request that waited long for its first token still gets the
+        rest a decode step or more apart, so the TTFT share of end-to-end time is no evidence either way."""
+        if not self.ok or self.output_tokens < 4 or math.isnan(self.ttft):
+            return False
+        if not self.itl:
+            return True  # every token's text in one chunk
+        gaps = sorted(self.itl)
+        return sum(gaps) < 0.1 * self.e2e and gaps[len(gaps) // 2] < BURST_GAP_S
 
     @property
     def tpot(self) -> float:
@@ -65,6 +82,17 @@ class LoadResult:
 
     def first_error(self) -> str:
         return next((r.error for r in self.records if not r.ok), "")
+
+    @property
+    def burst_share(self) -> float:
+        """The share of the requests (of at least 4 output tokens) whose text arrived in one burst."""
+        rs = [r for r in self.ok() if r.output_tokens >= 4 and not math.isnan(r.ttft)]
+        return sum(r.burst for r in rs) / len(rs) if rs else 0.0
+
+    @property
+    def buffered(self) -> bool:
+        """Most requests got their text in one burst: the stream was buffered somewhere on the way."""
+        return self.burst_share >= 0.5
 
     def summary(self, tag: str | None = None) -> dict[str, float]:
         """Throughput over the whole run's wall time and latency percentiles (ms) of the `tag` requests."""
