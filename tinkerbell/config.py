@@ -184,7 +184,7 @@ def check_tp(config: ServeConfig, gpus: list[str]) -> None:
     try:
         plan_shard(cfg, 0, config.tp)
     except ValueError as e:
-        raise ConfigError(f"{e} (model {config.model})") from None
+        raise ConfigError(f"{e} (model {config.model}); or use --dp to spread replicas over the GPUs") from None
 
 
 def resolve_default_model(config: ServeConfig, log=None) -> ServeConfig:
