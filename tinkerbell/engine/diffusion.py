@@ -411,7 +411,8 @@ class DiffusionSampler:
             s, e = q.row.bounds()
             rows_index += range(i * width + q.block_offset, i * width + q.block_offset + e - s)
         want_kv = any(q.refresh for q in queries)
-        index = torch.tensor(rows_index, dtype=torch.long, device=dev)
+        # non_blocking: a plain host-to-device copy would wait for the GPU to finish the previous step first.
+        index = torch.tensor(rows_index, dtype=torch.long).to(dev, non_blocking=True)
         logits, kv = self.model(ids, pos, key_mask, past=past, logits_rows=index, want_kv=want_kv)
         self._counters["forward_tokens"] += sum(len(q.ids) for q in queries)
         for i, q in enumerate(queries):
