@@ -7,7 +7,6 @@ flowing while training runs and nothing but this thread touches model tensors.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
@@ -115,14 +114,14 @@ class Engine:
 
             self.model = load_model_from_dcp(self.path, Path(config.dcp_path), self.dtype, self.device)
         else:
-            self.model = _with_tp(load_model, tp)(self.path, self.dtype, self.device)
+            self.model = load_model(self.path, self.dtype, self.device, tp=tp)
         self.tokenizer = load_tokenizer(self.path)
         self.max_context = config.max_context or min(self.model_config.max_position_embeddings, 8192)
         log.info("loaded %s (%s, %s, %s) in %.1fs", config.model, self.model_config.arch, self.dtype,
                  self.device, time.perf_counter() - t0)
         diffusion = self.model_config.is_diffusion
         # Diffusion LMs sample only: the trainer refuses with a user error, the sampler is the diffusion one.
-        self.trainer = RefusedTrainer() if diffusion else _with_tp(Trainer, tp)(self.model, device=self.device)
+        self.trainer = RefusedTrainer() if diffusion else Trainer(self.model, device=self.device, tp=tp)
         self.sampler = self._diffusion_sampler() if diffusion else Sampler(
             self.model,
             device=self.device,
@@ -174,9 +173,9 @@ class Engine:
     def _kv_blocks(self) -> int:
         bs = self.config.kv_block_size
         cfg = self.model_config
-        world = self.tp.world if self.tp is not None else 1
-        # Under TP each rank caches its share of the KV heads (all of one when there are fewer heads than ranks).
-        kv_heads = max(1, cfg.num_kv_heads // world)
+        # Under TP each rank caches only its KV heads (engine/tp/shard.py: split, or one replicated).
+        shard = getattr(self.model, "shard", None)
+        kv_heads = shard.num_kv_heads if shard is not None else cfg.num_kv_heads
         per_token = 2 * cfg.num_layers * kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
         if self.device.type == "cuda":
             free, _total = torch.cuda.mem_get_info(self.device)
@@ -398,13 +397,6 @@ class Engine:
         return {"sampler": self.sampler.stats(), "trainer": self.trainer.stats(), "queued_jobs": len(self._jobs) + sum(len(q) for q in self._runs.values()),
                 "train_batches": self._train_batches}
 
-
-
-def _with_tp(fn: Callable[..., Any], tp: TPGroup | None) -> Callable[..., Any]:
-    """`fn` with `tp=` bound when there is a group (the model loader and Trainer take the rank's group)."""
-    if tp is None or "tp" not in inspect.signature(fn).parameters:
-        return fn
-    return lambda *a, **kw: fn(*a, tp=tp, **kw)
 
 
 def _exit_process(msg: str) -> None:
