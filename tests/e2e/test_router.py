@@ -44,7 +44,7 @@ def _free_block(n: int) -> int:
 
 
 class Cluster:
-    def __init__(self, model: Path, root: Path):
+    def __init__(self, model: Path, root: Path, env_extra: dict[str, str] | None = None):
         self.port = _free_block(3)
         self.data = root / "data"
         self.log = root / "supervisor.log"
@@ -53,6 +53,7 @@ class Cluster:
                "--health-check-interval", str(INTERVAL)]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TINKERBELL_", "VLLM_"))}
         env.update(VLLM_MODEL=str(model), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        env.update(env_extra or {})
         self._log = open(self.log, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 120
@@ -94,7 +95,9 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tiny_llama_dir, tmp_path_factory):
-    c = Cluster(tiny_llama_dir, tmp_path_factory.mktemp("dp2"))
+    # Restarts off: the kill test checks that the router routes around a replica that stays dead
+    # (test_router_restart.py covers the supervisor bringing one back).
+    c = Cluster(tiny_llama_dir, tmp_path_factory.mktemp("dp2"), {"TINKERBELL_REPLICA_RESTARTS": "0"})
     try:
         yield c
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from tinker.proto import tinker_public_pb2 as pb
 
 from tinkerbell.router import ids
@@ -96,3 +98,14 @@ def test_openai_adapter_affinity_and_broadcast():
     p = plan(pool, "POST", "/v1/completions", {"model": "base"}, b"", None)
     assert p.candidates[0].index == 1 and p.adapter is None
     assert plan(pool, "POST", "/v1/load_lora_adapter", {"lora_name": "x"}, b"", None).broadcast
+
+
+def test_a_restarted_replica_is_noticed_from_its_uptime_and_its_old_futures_stop_counting():
+    pool = _pool(2)
+    a = pool.replicas[0]
+    assert not pool.apply_stats(a, {"uptime_seconds": 100.0})
+    a.pending["r0~t~req-old"] = time.time()
+    assert not pool.apply_stats(a, {"uptime_seconds": 101.0})  # same process, a second later
+    assert a.outstanding == 1
+    assert pool.apply_stats(a, {"uptime_seconds": 0.5})  # a new process
+    assert a.outstanding == 0 and a.restarts == 1 and a.view()["restarts"] == 1

@@ -30,7 +30,10 @@ class HealthChecker:
         except (httpx.HTTPError, ValueError) as e:
             self.mark_down(replica, f"health check: {type(e).__name__}: {e}".rstrip(": "))
             return False
-        self.pool.apply_stats(replica, stats if isinstance(stats, dict) else {})
+        if self.pool.apply_stats(replica, stats if isinstance(stats, dict) else {}):
+            log.warning("replica %d (%s) restarted: its training runs' in-memory state is gone (their requests get "
+                        "an error saying to resume from the last save_state); its futures failed", replica.index,
+                        replica.url)
         if replica.mark_up():
             log.info("replica %d (%s) is healthy", replica.index, replica.url)
         return True

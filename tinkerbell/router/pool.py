@@ -24,6 +24,8 @@ PENDING_TTL_SECONDS = 600.0
 # An adapter-resident replica is preferred unless it is this much busier than the least busy one.
 AFFINITY_SLACK = 4
 MAX_REMEMBERED = 200_000
+# A replica whose process start time (now - uptime) moved later by more than this has restarted.
+RESTART_SLACK_SECONDS = 2.0
 
 
 class Lru(Generic[K, V]):
@@ -66,6 +68,8 @@ class Replica:
     last_error: str | None = None
     last_check: float | None = None
     unhealthy_since: float | None = None
+    started_at: float | None = None  # when the replica's process started (its /stats uptime), to notice restarts
+    restarts: int = 0  # restarts the router noticed
 
     @property
     def outstanding(self) -> int:
@@ -98,7 +102,7 @@ class Replica:
                 "outstanding": self.outstanding, "in_flight": self.in_flight, "pending_futures": len(self.pending),
                 "replica_outstanding": self.reported_outstanding, "adapters": sorted(self.adapters),
                 "live_runs": len(self.live_runs), "sessions_assigned": self.sessions_assigned,
-                "last_error": self.last_error,
+                "last_error": self.last_error, "restarts": self.restarts,
                 "last_check_age_s": None if self.last_check is None else round(time.time() - self.last_check, 2)}
 
 
@@ -182,9 +186,21 @@ class Pool:
 
     # ------------------------------------------------------------------------------------------ health
 
-    def apply_stats(self, replica: Replica, stats: dict[str, Any]) -> None:
-        """Fold a replica's /stats into its state (the fields the replica exposes for the router)."""
-        replica.last_check = time.time()
+    def apply_stats(self, replica: Replica, stats: dict[str, Any]) -> bool:
+        """Fold a replica's /stats into its state (the fields the replica exposes for the router). True when the
+        replica restarted since the last check: the futures it handed out died with the old process (their polls
+        get the failure the new process recorded), so they no longer count as its outstanding work."""
+        now = time.time()
+        replica.last_check = now
+        restarted = False
+        uptime = stats.get("uptime_seconds")
+        if isinstance(uptime, (int, float)):
+            started = now - float(uptime)
+            if replica.started_at is not None and started > replica.started_at + RESTART_SLACK_SECONDS:
+                restarted = True
+                replica.restarts += 1
+                replica.pending.clear()
+            replica.started_at = started
         replica.reported_outstanding = int(stats.get("outstanding") or 0)
         replica.adapters = set(stats.get("resident_adapters") or ())
         live = stats.get("live_runs")
@@ -195,7 +211,8 @@ class Pool:
         if isinstance(stats.get("model"), str):
             replica.model = stats["model"]
             self.base_models.add(stats["model"])
-        replica.expire_pending(time.time())
+        replica.expire_pending(now)
+        return restarted
 
     def summary(self) -> dict[str, Any]:
         return {"total_workers": len(self.replicas), "healthy_workers": len(self.healthy()),

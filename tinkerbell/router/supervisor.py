@@ -5,10 +5,15 @@ one host) and one shared `checkpoints/`, so every replica knows every key, sessi
 replica can load any saved adapter; what is per replica is only what lives in memory (training runs' weights
 and optimizer state, pending futures). `logs/` holds one log per replica and the router's.
 
-The shared store is prepared here, once, before any replica starts (first API key, URL-signing secret), so
-replicas starting side by side do not race to mint them. Replicas answer only on 127.0.0.1; the router is the
-one public port. A replica that dies is reported, not restarted: a starting replica fails the futures it finds
-pending in the store, which would include the live replicas' ones.
+The shared store is prepared here, once, before any replica starts (first API key, URL-signing secret, and
+failing every future a previous run left pending), so replicas starting side by side do not race. Replicas
+answer only on 127.0.0.1; the router is the one public port.
+
+A replica that dies is restarted on its port with its GPUs, after a backoff (1 s, doubling to 30 s), at most
+TINKERBELL_REPLICA_RESTARTS times in a row (default 5; 0 turns restarts off); one that then stays up for a
+minute has its count reset. Each replica runs with its own id (TINKERBELL_REPLICA_ID=replica-<i>), which its
+futures record in the shared store, so the restarted process fails only its predecessor's pending futures,
+never a live replica's (service/futures.py). The router puts it back at its next successful health check.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import httpx
 
 from tinkerbell.config import ConfigError, ServeConfig
 from tinkerbell.router import ports
+from tinkerbell.service.futures import REPLICA_ID_ENV
 
 log = logging.getLogger("tinkerbell.serve")
 
@@ -36,6 +42,12 @@ REPLICA_START_TIMEOUT = 900.0  # a large model on a slow disk
 STOP_GRACE_SECONDS = 20.0
 # Flags the supervisor sets per replica itself; every other `serve` flag is passed on as resolved.
 NOT_FORWARDED = frozenset({"host", "port", "dp", "api_keys", "health_check_interval", "model"})
+RESTARTS_ENV = "TINKERBELL_REPLICA_RESTARTS"
+DEFAULT_RESTARTS = 5
+RESTART_DELAY_SECONDS = 1.0  # first backoff; doubles per failed attempt in a row
+RESTART_DELAY_MAX_SECONDS = 30.0
+STABLE_SECONDS = 60.0  # up this long after a restart: the next death starts a fresh count
+HEALTH_PROBE_SECONDS = 0.5  # a restarting replica's /healthz is probed at most this often
 
 
 @dataclasses.dataclass
@@ -45,6 +57,35 @@ class Child:
     log_path: Path
     proc: subprocess.Popen
     gpus: list[str] | None = None
+    args: list[str] = dataclasses.field(default_factory=list)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Restart bookkeeping (replicas only): "up", "waiting" (backoff until next_start), "starting", "given_up".
+    state: str = "up"
+    failures: int = 0  # deaths in a row (reset once up for STABLE_SECONDS)
+    restarts: int = 0  # restarts in total, for the log
+    next_start: float = 0.0
+    up_since: float = 0.0
+    last_probe: float = 0.0
+    spawned_at: float = 0.0
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds to wait before restart attempt `failures` (1, 2, ...): 1, 2, 4, ... capped at 30."""
+    return min(RESTART_DELAY_MAX_SECONDS, RESTART_DELAY_SECONDS * 2 ** max(0, failures - 1))
+
+
+def max_restarts(environ: dict[str, str]) -> int:
+    v = environ.get(RESTARTS_ENV, "").strip()
+    if not v:
+        return DEFAULT_RESTARTS
+    try:
+        n = int(v)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ConfigError(f"environment variable {RESTARTS_ENV} must be an integer >= 0 (restarts of a dead replica "
+                          f"in a row; 0 turns restarts off), got {v!r}")
+    return n
 
 
 def replica_ports(config: ServeConfig) -> list[int]:
@@ -103,12 +144,16 @@ def prepare_store(config: ServeConfig) -> None:
     """Create the shared store and its one-time secrets before the replicas start side by side."""
     from tinkerbell.service.auth import Authenticator
     from tinkerbell.service.checkpoints import CheckpointManager
+    from tinkerbell.service.futures import fail_left_over
     from tinkerbell.service.store import Store
 
     store = Store(config.data_dir)
     try:
         auth = Authenticator(store, config.data_dir, list(config.api_keys), config.no_auth)
         CheckpointManager(config.data_dir, store)
+        # No replica runs yet: whatever is pending was left by a previous run (replica ids may have changed).
+        if n := fail_left_over(store, None, everyone=True):
+            log.warning("%d request(s) were running when the previous server stopped; they are reported failed", n)
         if not config.no_auth and not config.api_keys and auth.first_key_path is not None:
             log.info("the first API key is in %s (export TINKER_API_KEY=$(cat %s))", auth.first_key_path,
                      auth.first_key_path)
@@ -133,7 +178,7 @@ def spawn(name: str, url: str, args: list[str], log_path: Path, env: dict[str, s
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
     finally:
         log_file.close()
-    return Child(name, url, log_path, proc, gpus)
+    return Child(name, url, log_path, proc, gpus, list(args), dict(env), spawned_at=time.monotonic())
 
 
 def log_tail(path: Path, n: int = 25) -> str:
@@ -151,6 +196,7 @@ class Supervisor:
         self.router: Child | None = None
         self._stop_signal: int | None = None
         self.log_dir = Path(config.data_dir) / "logs"
+        self.max_restarts = max_restarts(self.environ)
 
     # ------------------------------------------------------------------------------------------ start
 
@@ -163,11 +209,13 @@ class Supervisor:
             log.warning("%d replica(s) x %d GPU(s) on %d visible GPU(s): replicas share GPUs; each takes "
                         "--gpu-memory-util %.2f of its GPU's memory, so keep their sum below 1", cfg.dp, cfg.tp,
                         len({g for grp in groups for g in grp}), cfg.gpu_memory_util)
-        base_env = {k: v for k, v in self.environ.items() if not k.startswith("TINKERBELL_API_KEYS")}
+        base_env = {k: v for k, v in self.environ.items()
+                    if not k.startswith("TINKERBELL_API_KEYS") and k != REPLICA_ID_ENV}
         if cfg.api_keys:
             base_env["TINKERBELL_API_KEYS"] = ",".join(cfg.api_keys)  # not on the command line, where ps shows it
         for i, port in enumerate(replica_ports(cfg)):
             env = dict(base_env)
+            env[REPLICA_ID_ENV] = f"replica-{i}"  # the owner its futures record in the shared store
             gpus = groups[i] if groups else None
             if gpus is not None:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
@@ -180,6 +228,8 @@ class Supervisor:
             log.info("%s: %s on %s, pid %d, log %s", c.name, c.url, where, c.proc.pid, c.log_path)
         log.info("router log: %s", router_log)
         self._wait_healthy(self.replicas)
+        for c in self.replicas:
+            c.up_since = time.monotonic()
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
         args = ["router", "--host", cfg.host, "--port", str(cfg.port), "--health-check-interval",
                 str(cfg.health_check_interval)]
@@ -228,27 +278,74 @@ class Supervisor:
             log.error("%s", e)
             self.stop()
             return 1
-        reported: set[str] = set()
         code = 0
-        while self._stop_signal is None:
-            for c in self.replicas:
-                if c.proc.poll() is not None and c.name not in reported:
-                    reported.add(c.name)
-                    log.error("%s (%s) exited with status %s; the router routes around it. Its training runs "
-                              "resume from their last save_state on the other replicas. Log: %s", c.name, c.url,
-                              c.proc.returncode, c.log_path)
-            if self.router is not None and self.router.proc.poll() is not None:
-                log.error("the router exited with status %s; stopping the replicas. Log: %s",
-                          self.router.proc.returncode, self.router.log_path)
-                code = 1
-                break
-            if len(reported) == len(self.replicas):
-                log.error("every replica has exited; stopping")
-                code = 1
-                break
-            time.sleep(0.2)
+        with httpx.Client(timeout=HEALTH_PROBE_SECONDS, trust_env=False) as probe:
+            while self._stop_signal is None:
+                for c in self.replicas:
+                    self._tend(c, probe)
+                if self.router is not None and self.router.proc.poll() is not None:
+                    log.error("the router exited with status %s; stopping the replicas. Log: %s",
+                              self.router.proc.returncode, self.router.log_path)
+                    code = 1
+                    break
+                if all(c.state == "given_up" for c in self.replicas):
+                    log.error("every replica has exited for good; stopping")
+                    code = 1
+                    break
+                time.sleep(0.2)
         self.stop()
         return code
+
+    # ------------------------------------------------------------------------------------------ restarts
+
+    def _tend(self, c: Child, probe: httpx.Client) -> None:
+        """One step of a replica's life cycle: notice a death, wait out the backoff, restart, see it healthy."""
+        now = time.monotonic()
+        if c.state in ("up", "starting") and c.proc.poll() is not None:
+            if c.state == "up" and now - c.up_since >= STABLE_SECONDS:
+                c.failures = 0  # it had recovered: this death starts a fresh count
+            c.failures += 1
+            what = "exited" if c.state == "up" else "exited while restarting"
+            if c.failures > self.max_restarts:
+                c.state = "given_up"
+                why = ("restarts are off (TINKERBELL_REPLICA_RESTARTS=0)" if self.max_restarts == 0 else
+                       f"{self.max_restarts} restart(s) in a row failed; not restarting it again")
+                log.error("%s (%s) %s with status %s; %s. The router routes around it; its training runs resume "
+                          "from their last save_state on the other replicas. Log: %s", c.name, c.url, what,
+                          c.proc.returncode, why, c.log_path)
+                return
+            delay = restart_delay(c.failures)
+            c.state, c.next_start = "waiting", now + delay
+            log.error("%s (%s) %s with status %s; restarting it in %.0f s (attempt %d of %d in a row). Its "
+                      "training runs' in-memory state is lost: they resume from their last save_state. Log: %s",
+                      c.name, c.url, what, c.proc.returncode, delay, c.failures, self.max_restarts, c.log_path)
+        elif c.state == "waiting" and now >= c.next_start:
+            self._respawn(c)
+        elif c.state == "starting" and now - c.last_probe >= HEALTH_PROBE_SECONDS:
+            c.last_probe = now
+            if now - c.spawned_at > REPLICA_START_TIMEOUT:
+                log.error("%s did not become healthy in %.0f s after its restart; killing it", c.name,
+                          REPLICA_START_TIMEOUT)
+                c.proc.kill()  # counted as a failed attempt at the next step
+                c.proc.wait()
+                return
+            try:
+                ok = probe.get(c.url + "/healthz").status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                c.state, c.up_since = "up", now
+                log.info("%s (%s) is back after its restart (pid %d, %.1f s to start); the router takes it back "
+                         "at its next health check", c.name, c.url, c.proc.pid, now - c.spawned_at)
+
+    def _respawn(self, c: Child) -> None:
+        c.restarts += 1
+        with open(c.log_path, "ab") as f:
+            f.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} restarted by the supervisor "
+                    f"(restart {c.restarts}) ---\n".encode())
+        new = spawn(c.name, c.url, c.args, c.log_path, c.env, c.gpus)
+        c.proc, c.spawned_at, c.last_probe, c.state = new.proc, new.spawned_at, 0.0, "starting"
+        log.info("%s: restarted as pid %d on %s (log %s)", c.name, c.proc.pid, c.url, c.log_path)
 
     def stop(self) -> None:
         children = ([self.router] if self.router else []) + self.replicas

@@ -315,6 +315,15 @@ class RunManager:
         rid, created = self.accept(tenant, model_id, seq_id, kind)
         if not created:
             return rid
+        if (seq_id is not None and model_id not in self._live and model_id not in self._dead
+                and seq_id > self._queue(model_id).next_seq):
+            # The run is held by no engine of this process (its replica restarted): the requests before this one
+            # went to the process that died, so waiting for them would never end. Fail now, saying how to resume.
+            try:
+                self._check_live(model_id)
+            except BadRequest as e:
+                self.futures.fail(rid, failure_message(e), "user")
+                return rid
         try:
             start = build()
         except BaseException as e:  # noqa: BLE001
