@@ -129,3 +129,13 @@ def test_host_noise_keys_equal_the_torch_form():
     seeds = rng.integers(0, 2**63 - 1, 500, dtype=np.int64)
     pos = rng.integers(0, 2**31, 500, dtype=np.int64)
     assert np.array_equal(row_keys(seeds, pos), row_keys(torch.from_numpy(seeds), torch.from_numpy(pos)).numpy())
+
+
+def test_sequences_reaching_the_context_limit(tiny_llama_dir):
+    # 48 tokens of context in blocks of 4: the block-table mirror grows to the runner's full table width.
+    jobs = [SampleJob(prompt=PROMPTS[3], max_tokens=25, temperature=0.0, stop_at_eos=False),
+            SampleJob(prompt=PROMPTS[0], max_tokens=43, temperature=1.0, seed=2, stop_at_eos=False)]
+    ref = run(_sampler(tiny_llama_dir, False, max_context=48), jobs)
+    sampler = _sampler(tiny_llama_dir, True, max_context=48)
+    _same(run(sampler, jobs), ref)
+    assert [len(r.sequences[0].tokens) for r in ref] == [25, 43] and sampler._async.launched > 20

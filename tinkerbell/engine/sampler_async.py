@@ -98,7 +98,8 @@ class AsyncDecoder:
         bs = self.s.blocks.block_size
         b = len(seqs)
         pos = np.fromiter((s.num_computed for s in seqs), dtype=np.int64, count=b)
-        width = max(len(s.block_table) for s in seqs) + 1  # room for the next block before a rebuild
+        # Room for the next block before the mirror grows; never wider than the runner's static table.
+        width = min(max(len(s.block_table) for s in seqs) + 1, self._max_width())
         tables = np.zeros((b, width), dtype=np.int32)
         for i, s in enumerate(seqs):
             tables[i, :len(s.block_table)] = s.block_table
@@ -123,6 +124,9 @@ class AsyncDecoder:
         self.inflight = None
 
     # ------------------------------------------------------------------------------------------- launching
+
+    def _max_width(self) -> int:
+        return -(-self.s.max_context // self.s.blocks.block_size)
 
     def _limit(self, group: SequenceGroup) -> int:
         return min(group.prompt_len + group.job.max_tokens, self.s.max_context)
@@ -158,7 +162,8 @@ class AsyncDecoder:
         if fresh.any():
             need = int(col.max()) + 1
             if need > tables.shape[1]:  # grow the mirror by a few blocks at once
-                tables = np.concatenate([tables, np.zeros((len(seqs), need + 8 - tables.shape[1]), np.int32)], 1)
+                grown = min(need + 8, self._max_width())
+                tables = np.concatenate([tables, np.zeros((len(seqs), grown - tables.shape[1]), np.int32)], 1)
             for i in np.flatnonzero(fresh).tolist():
                 seq = seqs[i]
                 assert len(seq.block_table) == col[i]
