@@ -4,9 +4,14 @@ o/down biases (row-parallel: added once)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
+
+from tests.engine.tp import ranks
+from tests.engine.tp.harness import run_ranks
 
 
 def _build(root: Path, name: str, **kw) -> Path:
@@ -46,11 +51,46 @@ def _llama_with_row_biases(root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tp_models(fixtures_root) -> dict[str, Path]:
+def tp_models(fixtures_root, tiny_llama_dir) -> dict[str, Path]:
     return {
-        "llama_kv2": _build(fixtures_root, "llama-kv2", arch="llama", num_heads=4, num_kv_heads=2),
+        "llama_kv2": tiny_llama_dir,  # 4 heads, 2 kv heads: split over 2 ranks
         # kv 1 < T = 2 (replicated kv head), tied embeddings, 383 ids (odd: uneven vocab shards)
         "qwen3_kv1_odd_vocab": _build(fixtures_root, "qwen3-kv1", arch="qwen3", num_heads=4, num_kv_heads=1,
                                       tie_word_embeddings=True, vocab_size=383),
         "llama_biases": _llama_with_row_biases(fixtures_root),
     }
+
+
+@dataclass
+class TPRun:
+    """One model's checks at TP 1 (in this process) and TP 2 (two gloo ranks): what `ranks.all_checks`
+    returned for each, and where TP 2 saved its checkpoint."""
+
+    path: Path
+    ref: dict
+    ranks: list[dict]
+    saved: Path
+
+
+@pytest.fixture(scope="session")
+def tp_run(tp_models, tmp_path_factory) -> Callable[[str], TPRun]:
+    """`tp_run(name)`: runs model `name`'s checks once per session (one spawn of the ranks serves every test)."""
+    from tinkerbell.engine.models.loader import read_config
+
+    cache: dict[str, TPRun] = {}
+
+    def get(name: str) -> TPRun:
+        if name not in cache:
+            path = tp_models[name]
+            root = tmp_path_factory.mktemp(f"tp-{name}")
+            cfg = read_config(path)
+            sampler_adapter = ranks.write_adapter(cfg, root / "sampler-adapter", rank=4, seed=1, scale=0.3)
+            # B small enough that the tiny model stays well-conditioned (with B ~ 0.3 the loss is ~10 nats per
+            # token and float32 rounding in the gradients grows past 1e-5), large enough to reach every tensor.
+            train_adapter = ranks.write_adapter(cfg, root / "train-adapter", rank=4, seed=5, scale=0.05)
+            args = (path, sampler_adapter, train_adapter)
+            ref = ranks.all_checks(None, *args, root / "tp1")
+            cache[name] = TPRun(path, ref, run_ranks(ranks.all_checks, 2, *args, root / "tp2"), root / "tp2")
+        return cache[name]
+
+    return get

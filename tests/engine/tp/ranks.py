@@ -14,7 +14,7 @@ from tinkerbell.engine.kv_cache import PagedKVCache
 from tinkerbell.engine.lora import AdapterWeights, LoraBatch, LoraSegment, LoraSpec
 from tinkerbell.engine.lora_gathered import GatheredLora
 from tinkerbell.engine.lora_slots import LoraSlots
-from tinkerbell.engine.models.loader import load_model
+from tinkerbell.engine.models.loader import load_model, read_config
 from tinkerbell.engine.tp.group import TPGroup
 from tinkerbell.engine.tp.shard import shard_adapter
 
@@ -31,6 +31,21 @@ def nonzero_adapter(cfg, rank: int, seed: int, scale: float) -> AdapterWeights:
 def write_adapter(cfg, out_dir: Path, rank: int = 4, seed: int = 1, scale: float = 0.3) -> Path:
     save_peft(nonzero_adapter(cfg, rank, seed, scale), out_dir, "tiny")
     return out_dir
+
+
+def sequences(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    # ids from both ends of the vocabulary, so every rank's embedding and head shard is used
+    seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (11, 7)]
+    seqs[0][:2] = [0, vocab - 1]
+    return seqs
+
+
+def all_checks(tp: TPGroup | None, path: Path, sampler_adapter: Path, train_adapter: Path, save_dir: Path) -> dict:
+    """Everything the TP tests compare, in one spawn of the ranks (starting processes is the slow part)."""
+    seqs = sequences(read_config(path).vocab_size)
+    return {"sampler": sampler_logits(tp, path, seqs, sampler_adapter),
+            "train": train_steps(tp, path, train_adapter, save_dir)}
 
 
 def sampler_logits(tp: TPGroup | None, path: Path, seqs: list[list[int]], adapter_dir: Path) -> dict:
@@ -77,6 +92,12 @@ def sampler_logits(tp: TPGroup | None, path: Path, seqs: list[list[int]], adapte
         n0 = len(seqs[0])
         lb = LoraBatch([LoraSegment(n0, n0 + len(seqs[1]), local)])
         out["plain_lora"] = model(torch.cat(ids), BatchContext.for_packed([len(s) for s in seqs], lora=lb))
+        # in-memory weights (a trainer snapshot is this rank's pieces) into a slot: the same logits
+        slots.register("m", local)
+        mem = slots.acquire("m")
+        assert mem != slot
+        ctx.lora = GatheredLora.for_rows(slots, [mem if r >= 0 else -1 for r in row_slots], torch.device("cpu"))
+        out["fast_lora_in_memory"] = model(torch.cat(ids), ctx)
     return out
 
 

@@ -1,37 +1,28 @@
 """The sharded model (gloo, 2 ranks on the CPU) computes the unsharded model's full logits on every path the
-sampler takes: packed, paged KV cache, and the fast path with fused projections and gathered LoRA slots."""
+sampler takes: packed, paged KV cache, and the fast path with fused projections and gathered LoRA slots
+(an adapter read from a checkpoint and cut on load, and one registered from in-memory pieces)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
-
-from tests.engine.tp import ranks
-from tests.engine.tp.harness import run_ranks
-from tinkerbell.engine.models.loader import read_config
 
 TOL = 1e-5
+NAMES = ["llama_kv2", "qwen3_kv1_odd_vocab", "llama_biases"]
 
 
-def _seqs(vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
-    # ids from both ends of the vocabulary, so every rank's embedding and head shard is used
-    seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (11, 7)]
-    seqs[0][:2] = [0, vocab - 1]
-    return seqs
-
-
-@pytest.mark.parametrize("name", ["llama_kv2", "qwen3_kv1_odd_vocab", "llama_biases"])
-def test_sharded_logits_equal_unsharded(name, tp_models, tmp_path):
-    path = tp_models[name]
-    cfg = read_config(path)
-    adapter = ranks.write_adapter(cfg, tmp_path / "adapter")
-    seqs = _seqs(cfg.vocab_size)
-    ref = ranks.sampler_logits(None, path, seqs, adapter)
-    outs = run_ranks(ranks.sampler_logits, 2, path, seqs, adapter)
-    for rank_out in outs:  # every rank holds the full logits
+@pytest.mark.parametrize("name", NAMES)
+def test_sharded_logits_equal_unsharded_on_every_rank(name, tp_run):
+    run = tp_run(name)
+    ref = run.ref["sampler"]
+    for rank_out in run.ranks:
         for key, want in ref.items():
-            got = rank_out[key]
+            got = rank_out["sampler"][key]
             assert got.shape == want.shape, key
             assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item()), key
-    assert (ref["fast_lora"] - ref["packed"]).abs().max() > 1e-2  # the adapter is live
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapter_changes_the_sharded_logits(name, tp_run):
+    """Guards the comparison above: the LoRA paths are not all-zero deltas."""
+    out = tp_run(name).ranks[0]["sampler"]
+    assert (out["fast_lora"] - out["packed"]).abs().max() > 1e-2

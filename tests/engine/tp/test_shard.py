@@ -106,3 +106,27 @@ def test_sharded_loading_reads_only_slices(tp_models, monkeypatch):
 def test_diffusion_models_refuse_tp(tiny_llada_dir):
     with pytest.raises(ValueError, match="--tp"):
         load_model(tiny_llada_dir, torch.float32, "cpu", _rank(0, 2))
+
+
+def test_sharded_adapter_init_is_the_tp1_init_cut(tp_models):
+    """Every rank draws the whole adapter from the seed and keeps its piece: TP 2 starts where TP 1 does."""
+    from tinkerbell.engine.lora import AdapterWeights, LoraSpec
+    from tinkerbell.engine.tp.shard import shard_adapter
+
+    cfg = read_config(tp_models["qwen3_kv1_odd_vocab"])
+    whole = AdapterWeights.init(cfg, LoraSpec(rank=4), seed=7)
+    for rank in range(2):
+        shard = plan_shard(cfg, rank, 2)
+        local = AdapterWeights.init(cfg, LoraSpec(rank=4), seed=7, shard=shard)
+        want = shard_adapter(whole, shard)
+        assert all(torch.equal(local.a[k], want.a[k]) and torch.equal(local.b[k], want.b[k]) for k in whole.a)
+        assert local.b["lm_head"].shape == (shard.vocab_size, 4)
+        assert local.a["model.layers.0.self_attn.o_proj"].shape == (4, shard.num_heads * cfg.head_dim)
+
+
+def test_sharded_adapter_init_needs_a_seed(tp_models):
+    from tinkerbell.engine.lora import AdapterWeights, LoraSpec
+
+    cfg = read_config(tp_models["llama_kv2"])
+    with pytest.raises(ValueError, match="seed"):
+        AdapterWeights.init(cfg, LoraSpec(rank=4), seed=None, shard=plan_shard(cfg, 0, 2))

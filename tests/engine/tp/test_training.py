@@ -8,10 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.engine.tp import ranks
-from tests.engine.tp.harness import run_ranks
 from tinkerbell.engine.models.loader import load_model, read_config
-from tinkerbell.engine.tp.group import TPGroup
 from tinkerbell.engine.tp.shard import lora_name_piece, plan_shard
 from tinkerbell.engine.training import Trainer
 
@@ -23,24 +20,18 @@ LATER_REL = 5e-5
 # difference of its update: parameters after the steps agree to a small fraction of one step (lr = 1e-2 in
 # ranks.train_steps), where a wrong step would be off by about a whole one.
 PARAM_ABS = 2e-3 * 1e-2
-NAMES = ["llama_kv2", "qwen3_kv1_odd_vocab"]
+NAMES = ["llama_kv2", "qwen3_kv1_odd_vocab", "llama_biases"]
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, rel: float = REL) -> bool:
     return got.shape == want.shape and (got - want).abs().max().item() <= rel * max(want.abs().max().item(), 1e-3)
 
 
-@pytest.fixture(scope="module", params=NAMES)
-def trained(request, tp_models, tmp_path_factory):
+@pytest.fixture(params=NAMES)
+def trained(request, tp_run):
     """(TP 1 reference, TP 2 rank outputs, TP 2 checkpoint dir, model path) for one model."""
-    path = tp_models[request.param]
-    root = tmp_path_factory.mktemp(f"train-{request.param}")
-    # B small enough that the tiny model stays well-conditioned (with B ~ 0.3 the loss is ~10 nats per token and
-    # float32 rounding in the gradients grows past 1e-5); large enough that gradients reach every tensor.
-    adapter = ranks.write_adapter(read_config(path), root / "adapter", rank=4, seed=5, scale=0.05)
-    ref = ranks.train_steps(None, path, adapter, root / "tp1")
-    outs = run_ranks(ranks.train_steps, 2, path, adapter, root / "tp2")
-    return ref, outs, root / "tp2", path
+    run = tp_run(request.param)
+    return run.ref["train"], [r["train"] for r in run.ranks], run.saved, run.path
 
 
 def test_target_logprobs_and_losses_equal_tp1(trained):
