@@ -185,3 +185,33 @@ def test_no_worker_outlives_the_server(tp2_server, sig):
     if sig == signal.SIGTERM:  # the clean path: rank 0 broadcast the stop op and the worker left its loop
         assert "[tp rank 1]: rank 1 stopped" in tp2_server.log_path.read_text(), tp2_server.log_tail()
     assert _gone(pid, timeout=10), f"worker pid {pid} still running after the server got {sig.name}"
+
+
+def test_a_worker_dying_during_startup_makes_serve_exit(tiny_llama_dir, tmp_path):
+    """Rank 0 waits for its workers to join the group: a worker lost before then must not leave it waiting."""
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import free_port
+
+    cmd = [sys.executable, "-m", "tinkerbell", "serve", "--model", str(tiny_llama_dir), "--tp", "2", "--no-auth",
+           "--host", "127.0.0.1", "--port", str(free_port()), "--data-dir", str(tmp_path / "data")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"tensor-parallel worker rank 1 started \(pid (\d+)\)", line)
+            if m:
+                pid = int(m.group(1))
+                os.kill(pid, signal.SIGKILL)
+                break
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode != 0
+        assert f"rank 1 (pid {pid}) exited with code -9" in rest, "".join(lines) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -322,8 +322,10 @@ class Engine:
             self._fatal_msg = msg
         log.critical("%s; failing every pending request", msg)
         exc = RuntimeError(f"{msg}. The server is stopping; see its log.")
-        jobs = list(self._current) + list(self._jobs) + [j for q in list(self._runs.values()) for j in q]
-        pending = getattr(self.sampler, "pending_futures", None)  # the diffusion sampler never runs under TP
+        # (A worker may die while this engine is still being built: only what exists yet can be failed.)
+        runs = getattr(self, "_runs", {})
+        jobs = list(self._current) + list(getattr(self, "_jobs", ())) + [j for q in list(runs.values()) for j in q]
+        pending = getattr(getattr(self, "sampler", None), "pending_futures", None)  # diffusion: never under TP
         futs = [j.fut for j in jobs] + (pending() if pending is not None else [])
         for fut in futs:
             if not fut.done():
