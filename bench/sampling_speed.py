@@ -170,13 +170,17 @@ def check_kernels(report: dict) -> None:
     report["lora_skip_rel_err_float32"] = err
     report["checks"]["triton SGMV LoRA, absent-module slots skipped, vs torch (float32)"] = err < 1e-4
     check_fused(report, g)
-    logits = torch.randn(64, 128256, device="cuda", generator=g) * 3
-    temps = torch.rand(64, device="cuda", generator=g) + 0.2
-    temps[:8] = 0
-    keys = gs.row_keys(torch.arange(64) * 7919, torch.full((64,), 130)).cuda()
-    same = (gs.sample_rows(logits, temps, keys) == gs.sample_rows_torch(logits, temps, keys)).float().mean().item()
-    report["gumbel_rows_equal"] = same
-    report["checks"]["triton Gumbel sampler vs torch (rows equal)"] = same >= 63 / 64  # float log rounding may flip a near-tie
+    # The kernel splits each row's vocabulary over several programs (more the fewer rows): 1, 64, 256 rows.
+    for rows in (1, 64, 256):
+        logits = torch.randn(rows, 128256, device="cuda", generator=g) * 3
+        temps = torch.rand(rows, device="cuda", generator=g) + 0.2
+        temps[:rows // 8] = 0
+        keys = gs.row_keys(torch.arange(rows) * 7919, torch.full((rows,), 130)).cuda()
+        got, ref = gs.sample_rows(logits, temps, keys), gs.sample_rows_torch(logits, temps, keys)
+        same = (got == ref).float().mean().item()
+        report[f"gumbel_rows_equal_{rows}"] = same
+        # float log rounding may flip a near-tie between the kernel and torch (never more than ~1 row in 64)
+        report["checks"][f"triton Gumbel sampler vs torch, {rows} rows (rows equal)"] = same >= 1 - 1 / 32
 
 
 def check_fused(report: dict, g: torch.Generator) -> None:

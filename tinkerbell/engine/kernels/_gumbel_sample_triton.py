@@ -1,10 +1,20 @@
-"""Triton kernel behind `gumbel_sample.sample_rows` (imported only where Triton is)."""
+"""Triton kernels behind `gumbel_sample.sample_rows` (imported only where Triton is).
+
+A row's vocabulary is cut into `splits` chunks, each scanned by its own program (so a batch of one row still
+spreads over the GPU instead of one SM walking 128k logits), each leaving its best (score, index); a second
+kernel reduces the chunks of a row. Scores are computed exactly as in the one-pass form, the maximum is exact
+and ties go to the lowest index in both stages, so the split changes no draw.
+"""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+BLOCK = 1024
+_TARGET_PROGRAMS = 264  # about two programs per SM on an H100 (132 SMs)
+_MAX_SPLITS = 64
 
 
 @triton.jit
@@ -18,8 +28,9 @@ def _mix32(x):
 
 
 @triton.jit
-def _kernel(logits_ptr, temp_ptr, key_ptr, out_ptr, V, stride_r, BLOCK: tl.constexpr):
+def _kernel(logits_ptr, temp_ptr, key_ptr, best_ptr, idx_ptr, V, stride_r, chunk, splits, BLOCK: tl.constexpr):
     row = tl.program_id(0)
+    split = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
     greedy = temp <= 0.0
     inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, temp))
@@ -27,9 +38,11 @@ def _kernel(logits_ptr, temp_ptr, key_ptr, out_ptr, V, stride_r, BLOCK: tl.const
     key = tl.load(key_ptr + row).to(tl.int64)
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     best_idx = tl.full([BLOCK], 2147483647, dtype=tl.int32)
-    for start in range(0, V, BLOCK):
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, V)
+    for start in range(lo, hi, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        mask = idx < V
+        mask = idx < hi
         lg = tl.load(logits_ptr + row * stride_r + idx, mask=mask, other=float("-inf"))
         bits = _mix32(key ^ ((idx.to(tl.int64) * 0x9E3779B1) & 0xFFFFFFFF))
         u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
@@ -41,12 +54,38 @@ def _kernel(logits_ptr, temp_ptr, key_ptr, out_ptr, V, stride_r, BLOCK: tl.const
         best_idx = tl.where(better, idx, best_idx)
     top = tl.max(best, 0)
     cand = tl.where(best == top, best_idx, 2147483647)
+    tl.store(best_ptr + row * splits + split, top)
+    tl.store(idx_ptr + row * splits + split, tl.min(cand, 0))
+
+
+@triton.jit
+def _reduce(best_ptr, idx_ptr, out_ptr, splits, S: tl.constexpr):
+    row = tl.program_id(0)
+    s = tl.arange(0, S)
+    mask = s < splits
+    best = tl.load(best_ptr + row * splits + s, mask=mask, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * splits + s, mask=mask, other=2147483647)
+    top = tl.max(best, 0)
+    cand = tl.where(mask & (best == top), idx, 2147483647)
     tl.store(out_ptr + row, tl.min(cand, 0).to(tl.int64))
+
+
+def split_plan(rows: int, vocab: int) -> tuple[int, int]:
+    """(chunks per row, chunk length): enough programs to fill the GPU, each chunk a whole number of blocks."""
+    want = max(1, min(_MAX_SPLITS, -(-_TARGET_PROGRAMS // max(rows, 1)), -(-vocab // BLOCK)))
+    chunk = -(-(-(-vocab // want)) // BLOCK) * BLOCK
+    return -(-vocab // chunk), chunk
 
 
 def launch(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     r, v = logits.shape
     out = torch.empty(r, dtype=torch.int64, device=logits.device)
-    if r:
-        _kernel[(r,)](logits, temperatures.float(), keys, out, v, logits.stride(0), BLOCK=1024, num_warps=4)
+    if not r:
+        return out
+    splits, chunk = split_plan(r, v)
+    best = torch.empty(r, splits, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(r, splits, dtype=torch.int32, device=logits.device)
+    _kernel[(r, splits)](logits, temperatures.float(), keys, best, idx, v, logits.stride(0), chunk, splits,
+                         BLOCK=BLOCK, num_warps=4)
+    _reduce[(r,)](best, idx, out, splits, S=triton.next_power_of_2(splits), num_warps=1)
     return out
