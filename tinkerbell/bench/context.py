@@ -18,7 +18,12 @@ SCENARIOS = ("sampling", "concurrency", "mixed", "lora", "training", "scaling")
 
 @dataclass
 class Sizes:
-    """Every workload knob in one place, so --quick and full mode differ only here."""
+    """Every workload knob in one place, so --quick and full mode differ only here.
+
+    Full mode is sized for one H100 and a 1B model: about a minute for sampling and for concurrency, and at
+    most about two for lora, training and scaling each (scaling starts a server per DP size, ~40 s each), so
+    `bench/device_bench.sh` runs sampling, concurrency, lora, training and scaling with the peers within one
+    9-minute device command. Larger models take longer in proportion."""
     # sampling: one request at a time (batch-1 decode), a fixed batch, a length distribution
     single_in: int = 128
     single_out: int = 256
@@ -50,7 +55,7 @@ class Sizes:
     lora_counts: tuple[int, ...] = (1, 4, 16, 64)
     lora_trained: int = 4  # distinct adapters trained; more names register the same checkpoints again
     lora_rank: int = 16
-    lora_requests: int = 256
+    lora_requests: int = 128  # two waves at concurrency 64, at each of five adapter counts
     lora_concurrency: int = 64
     lora_in: int = 128
     lora_out: int = 128
@@ -68,13 +73,13 @@ class Sizes:
     rl_samples: int = 8
     rl_out: int = 128
     # scaling
-    scaling_requests: int = 512
+    scaling_requests: int = 256
     scaling_concurrency: int = 128
     scaling_in: int = 256
     scaling_out: int = 128
     # peer (HF transformers / PEFT, in-process)
     peer_batch: int = 32
-    peer_out_max: int = 128
+    peer_out_max: int = 64  # HF generate decodes ~10-15 tok/s per step on a GPU: 64 steps measure it
     peer_train_steps: int = 5
 
     @classmethod

@@ -126,18 +126,23 @@ def run(cfg: BenchConfig) -> tuple[report.Run, Path]:
         progress.say(f"benchmarking {target.model} at {url} on {environment.device} ({environment.dtype}); "
                      f"report in {out_dir}")
         load.warm_up(target)
-        results = []
+        results: list[ScenarioResult] = []
+        run_ = report.Run(created, cfg.command, cfg.quick, environment, sizes.to_dict(), results, 0.0)
         for name in [s for s in SCENARIOS if s in cfg.scenarios]:  # scaling last: it replaces the server
             if name == "scaling" and server is not None:
                 server.stop()  # scaling starts its own servers; keep the machine to one at a time
                 server = None
-            results.append(_run_scenario(name, ctx))
-        if cfg.peer and not model_path:
-            for r in results:
-                if r.name in ("sampling", "training") and r.status == "ok":
-                    r.notes.append("no peer baseline: the model is not a folder on this machine (pass --model)")
-        run_ = report.Run(created, cfg.command, cfg.quick, environment, sizes.to_dict(), results,
-                          time.perf_counter() - started)
+            if name == "scaling" and peer is not None:
+                peer.close()  # give its GPU memory back before the scaling servers size their KV caches
+            res = _run_scenario(name, ctx)
+            if cfg.peer and not model_path and res.name in ("sampling", "training") and res.status == "ok":
+                res.notes.append("no peer baseline: the model is not a folder on this machine (pass --model)")
+            results.append(res)
+            # The report so far, after every scenario: a run cut short (a time limit, a crash) keeps what it
+            # measured.
+            run_.seconds = time.perf_counter() - started
+            report.write(run_, out_dir)
+        run_.seconds = time.perf_counter() - started
         report.write(run_, out_dir)
         return run_, out_dir
     finally:
