@@ -156,8 +156,9 @@ class Trainer:
         return self._get(run_id).weights.spec
 
     def snapshot(self, run_id: str) -> AdapterWeights:
-        """A detached copy in the model's dtype (this rank's pieces under tp), for the sampler: views into one buffer made by one concatenation
-        and one cast, rather than an allocation, a cast and a copy per tensor (~450 launches for 1B at r32)."""
+        """A detached copy in the model's dtype (this rank's pieces under tp), for the sampler: views into one
+        buffer made by one concatenation and one cast, rather than an allocation, a cast and a copy per tensor
+        (~450 launches for 1B at r32)."""
         w = self._get(run_id).weights
         src = w.parameters()
         flat = torch.cat([t.detach().reshape(-1) for t in src]).to(self.model_dtype, copy=True)
