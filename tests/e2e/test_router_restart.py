@@ -74,6 +74,8 @@ def test_restarted_replica_leaves_other_futures_intact_and_serves_again(tiny_lla
         tc = sc_b.create_training_client_from_state(b_saved).result()
         assert tc.forward_backward([_datum()], "cross_entropy").result().loss_fn_outputs
         tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        resumed = tc.get_info().model_id
+        assert resumed != run_b and resumed in httpx.get(c.replica_url(x) + "/stats").json()["live_runs"]
 
         # The supervisor restarts Y; the router puts it back once its health check passes.
         back = None
