@@ -4,7 +4,7 @@ Rank 0 is the API process. `Workers.start` spawns the other ranks (multiprocessi
 interpreter, no forked CUDA or thread state), each running worker.main, and a monitor thread that waits on their
 sentinels: a worker that exits while the group is up is reported with its rank, pid and exit code and handed to
 `on_death` (the engine fails every pending future and exits the process: a replica with a missing rank can only
-hang). `stop` is the clean path: the engine has broadcast the stop op; workers get a grace period, then SIGTERM.
+hang). `stop` is the clean path: the engine has broadcast the stop op; workers get a grace period, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -81,10 +81,7 @@ class Workers:
         for p in self.procs:
             p.join(timeout=timeout)
         for p in self.procs:
-            if p.is_alive():
-                log.warning("tensor-parallel worker pid %d did not stop; terminating it", p.pid)
-                p.terminate()
+            if p.is_alive():  # it ignores SIGTERM (worker.py): it is stuck, not shutting down
+                log.warning("tensor-parallel worker pid %d did not stop; killing it", p.pid)
+                p.kill()
                 p.join(timeout=5)
-                if p.is_alive():
-                    p.kill()
-                    p.join(timeout=5)

@@ -40,8 +40,10 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 def main(rank: int, world: int, init_method: str, config: "EngineConfig", parent_pid: int) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s %(name)s [tp rank {rank}]: %(message)s", force=True)
-    # Ctrl+C reaches the whole process group; the worker stops on rank 0's stop op (or when rank 0 is gone).
+    # Ctrl+C (and a supervisor's SIGTERM to the process group) reach the worker too: it stops on rank 0's stop
+    # op instead, or within a second of rank 0 being gone. Rank 0 SIGKILLs a worker that ignores the stop op.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_when_orphaned(parent_pid)
     import torch
 
