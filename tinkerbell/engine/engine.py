@@ -261,7 +261,7 @@ class Engine:
             return
         self._train_batches += 1
         try:
-            results = self.mirror.run("fwdbwd", [j.fwdbwd for j in owners])
+            results = self.mirror.fwdbwd(segments, [j.fwdbwd for j in owners])
         except OutOfStep as e:
             self._fatal(str(e))
             return

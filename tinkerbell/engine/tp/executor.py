@@ -75,6 +75,13 @@ class Mirror:
             self._send((name, args))
         return self.apply(name, args)
 
+    def fwdbwd(self, segments: list, requests: list[tuple]) -> list:
+        """A packed forward/backward of `segments`, which rank 0 already validated from `requests` (the raw
+        job arguments the workers prepare again: their state is the same, so they pass too)."""
+        if self.broadcasts:
+            self._send(("fwdbwd", (requests,)))
+        return self._guarded("fwdbwd", self.trainer.run_segments, (segments,))
+
     def stop(self) -> None:
         """Tell the workers to exit cleanly (rank 0's engine thread, after its last op)."""
         if self.broadcasts:
@@ -93,8 +100,11 @@ class Mirror:
     # ------------------------------------------------------------------------------------------- every rank
 
     def apply(self, name: str, args: tuple) -> Any:
+        return self._guarded(name, self._ops[name], args)
+
+    def _guarded(self, name: str, fn: Callable[..., Any], args: tuple) -> Any:
         try:
-            return self._ops[name](*args)
+            return fn(*args)
         except ValueError:
             raise  # a user error: every rank raises it alike, before or after the same collectives
         except BaseException as e:
