@@ -63,8 +63,8 @@ def tp_models(fixtures_root, tiny_llama_dir) -> dict[str, Path]:
 
 @dataclass
 class TPRun:
-    """One model's checks at TP 1 (in this process) and TP 2 (two gloo ranks): what `ranks.all_checks`
-    returned for each, and where TP 2 saved its checkpoint."""
+    """One model's checks at TP 1 (in this process) and TP T (T gloo ranks): what `ranks.all_checks` returned
+    for each, and where TP T saved its checkpoint."""
 
     path: Path
     ref: dict
@@ -73,24 +73,37 @@ class TPRun:
 
 
 @pytest.fixture(scope="session")
-def tp_run(tp_models, tmp_path_factory) -> Callable[[str], TPRun]:
-    """`tp_run(name)`: runs model `name`'s checks once per session (one spawn of the ranks serves every test)."""
+def tp_run(tp_models, tmp_path_factory) -> Callable[[str, int], TPRun]:
+    """`tp_run(name, world)`: model `name`'s checks at TP 1 and TP `world`. Starting the rank processes is the
+    slow part, so the first call for a world runs every case of `ranks.CASES` at that world in one spawn; the
+    TP 1 reference of a model is shared by every world."""
     from tinkerbell.engine.models.loader import read_config
 
-    cache: dict[str, TPRun] = {}
+    cache: dict[tuple[str, int], TPRun] = {}
+    refs: dict[str, dict] = {}
+    root = tmp_path_factory.mktemp("tp-runs")
 
-    def get(name: str) -> TPRun:
-        if name not in cache:
-            path = tp_models[name]
-            root = tmp_path_factory.mktemp(f"tp-{name}")
-            cfg = read_config(path)
-            sampler_adapter = ranks.write_adapter(cfg, root / "sampler-adapter", rank=4, seed=1, scale=0.3)
+    def args_of(name: str) -> tuple:
+        path = tp_models[name]
+        cfg = read_config(path)
+        adapters = root / "adapters" / name
+        if not adapters.exists():
+            ranks.write_adapter(cfg, adapters / "sampler", rank=4, seed=1, scale=0.3)
             # B small enough that the tiny model stays well-conditioned (with B ~ 0.3 the loss is ~10 nats per
             # token and float32 rounding in the gradients grows past 1e-5), large enough to reach every tensor.
-            train_adapter = ranks.write_adapter(cfg, root / "train-adapter", rank=4, seed=5, scale=0.05)
-            args = (path, sampler_adapter, train_adapter)
-            ref = ranks.all_checks(None, *args, root / "tp1")
-            cache[name] = TPRun(path, ref, run_ranks(ranks.all_checks, 2, *args, root / "tp2"), root / "tp2")
-        return cache[name]
+            ranks.write_adapter(cfg, adapters / "train", rank=4, seed=5, scale=0.05)
+        return path, adapters / "sampler", adapters / "train"
+
+    def get(name: str, world: int) -> TPRun:
+        if (name, world) not in cache:
+            names = [n for n, w in ranks.CASES if w == world] or [name]
+            jobs = [(*args_of(n), root / f"tp{world}" / n) for n in names]
+            for n, job in zip(names, jobs):
+                if n not in refs:
+                    refs[n] = ranks.all_checks(None, *job[:3], root / "tp1" / n)
+            per_rank = run_ranks(ranks.all_checks_many, world, jobs)
+            for i, (n, job) in enumerate(zip(names, jobs)):
+                cache[n, world] = TPRun(job[0], refs[n], [r[i] for r in per_rank], job[3])
+        return cache[name, world]
 
     return get

@@ -41,6 +41,17 @@ def sequences(vocab: int) -> list[list[int]]:
     return seqs
 
 
+# (model, T) cases of the TP tests: kv heads split (llama 2 kv / T 2), replicated on every rank (qwen3 1 kv /
+# T 2) and on pairs of ranks (llama 2 kv / T 4); uneven vocabulary shards (383 ids); q/k/v/o and MLP biases.
+CASES = [("llama_kv2", 2), ("qwen3_kv1_odd_vocab", 2), ("llama_biases", 2), ("llama_kv2", 4)]
+CASE_IDS = [f"{n}-tp{w}" for n, w in CASES]
+
+
+def all_checks_many(tp: TPGroup | None, jobs: list[tuple]) -> list[dict]:
+    """`all_checks` for several models in one spawn of the ranks."""
+    return [all_checks(tp, *job) for job in jobs]
+
+
 def all_checks(tp: TPGroup | None, path: Path, sampler_adapter: Path, train_adapter: Path, save_dir: Path) -> dict:
     """Everything the TP tests compare, in one spawn of the ranks (starting processes is the slow part)."""
     seqs = sequences(read_config(path).vocab_size)

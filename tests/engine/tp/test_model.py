@@ -1,4 +1,4 @@
-"""The sharded model (gloo, 2 ranks on the CPU) computes the unsharded model's full logits on every path the
+"""The sharded model (gloo, 2 or 4 ranks on the CPU) computes the unsharded model's full logits on every path the
 sampler takes: packed, paged KV cache, and the fast path with fused projections and gathered LoRA slots
 (an adapter read from a checkpoint and cut on load, and one registered from in-memory pieces)."""
 
@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.engine.tp import ranks
+
 TOL = 1e-5
-NAMES = ["llama_kv2", "qwen3_kv1_odd_vocab", "llama_biases"]
+CASES, IDS = ranks.CASES, ranks.CASE_IDS
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_sharded_logits_equal_unsharded_on_every_rank(name, tp_run):
-    run = tp_run(name)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_sharded_logits_equal_unsharded_on_every_rank(case, tp_run):
+    run = tp_run(*case)
     ref = run.ref["sampler"]
     for rank_out in run.ranks:
         for key, want in ref.items():
@@ -21,8 +23,8 @@ def test_sharded_logits_equal_unsharded_on_every_rank(name, tp_run):
             assert (got - want).abs().max().item() <= TOL * max(1.0, want.abs().max().item()), key
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_adapter_changes_the_sharded_logits(name, tp_run):
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_adapter_changes_the_sharded_logits(case, tp_run):
     """Guards the comparison above: the LoRA paths are not all-zero deltas."""
-    out = tp_run(name).ranks[0]["sampler"]
+    out = tp_run(*case).ranks[0]["sampler"]
     assert (out["fast_lora"] - out["packed"]).abs().max() > 1e-2
