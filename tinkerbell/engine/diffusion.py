@@ -54,6 +54,10 @@ ALGORITHMS: dict[str, str] = {
 ALIASES = {"no_cache": "basic", "simple": "basic"}
 REMASKING = ("low_confidence", "random")
 MAX_NUM_SAMPLES = 64
+# A step whose cache-building rows and cached rows would waste more padded positions than this together runs
+# them as two forwards (see DiffusionSampler._logits): about where a GPU forward turns from weight-bound to
+# compute-bound, so below it the second pass over the weights costs more than the padding.
+SPLIT_TOKENS = 256
 
 log = logging.getLogger("tinkerbell.diffusion")
 
@@ -190,12 +194,13 @@ class _Query:
 class DiffusionSampler:
     """The engine's sampler for diffusion LMs; the interface of `Sampler` (add_request/step/has_work/...).
     `batch_size` caps the sequences per forward, `max_wait_time` is how long an idle sampler waits for a batch
-    to fill before starting, `max_batch_tokens` bounds the tokens of one forward (memory)."""
+    to fill before starting, `max_batch_tokens` bounds the tokens of one forward (memory), `split_tokens` is
+    the padding a step may save by running its cache-building and cached rows apart (see `_logits`)."""
 
     def __init__(self, model: LLaDAModel, device: torch.device, dtype: torch.dtype, eos_token_ids: list[int],
                  decode: Callable[[list[int]], str], max_context: int, algorithm: str = "basic",
                  batch_size: int = 16, max_wait_time: float = 0.0, max_batch_tokens: int = 65536,
-                 default_block_length: int = 32):
+                 default_block_length: int = 32, split_tokens: int = SPLIT_TOKENS):
         if model.cfg.mask_token_id is None:
             raise ValueError("diffusion model config has no mask_token_id")
         self.model, self.cfg = model, model.cfg
@@ -209,6 +214,7 @@ class DiffusionSampler:
         self.algorithm = canonical_algorithm(algorithm)
         self.batch_size, self.max_wait_time = int(batch_size), float(max_wait_time)
         self.max_batch_tokens, self.default_block_length = int(max_batch_tokens), int(default_block_length)
+        self.split_tokens = int(split_tokens)
         self._waiting: deque[_Row] = deque()
         self._running: list[_Row] = []
         self._groups: dict[int, _Group] = {}
@@ -217,7 +223,7 @@ class DiffusionSampler:
         self._past: torch.Tensor | None = None  # the last forward's assembled cache, and what it was built from
         self._past_sources: list[tuple[Any, ...]] = []
         self._counters = {"requests_finished": 0, "requests_failed": 0, "tokens_generated": 0, "steps": 0,
-                          "forward_tokens": 0}
+                          "forward_tokens": 0, "forwards": 0}
 
     # ------------------------------------------------------------------------------------------- adapters
 
@@ -335,15 +341,11 @@ class DiffusionSampler:
         rows = list(self._running)
         queries = [q for r in rows for q in self._queries(r)]
         with torch.inference_mode():
-            logits = self._forward(queries)
-            at = 0
+            per_query = iter(self._logits(queries))  # in query order: each row's, then its CFG companion's
             for row in rows:
-                bl = row.bounds()[1] - row.bounds()[0]
-                cond = logits[at:at + bl]
-                at += bl
+                cond = next(per_query)
                 if row.params.cfg_scale > 0:
-                    un = logits[at:at + bl]
-                    at += bl
+                    un = next(per_query)
                     cond = un + (row.params.cfg_scale + 1) * (cond - un)
                 self._denoise(row, cond)
         self._counters["steps"] += 1
@@ -373,6 +375,30 @@ class DiffusionSampler:
                 out.append(_Query(row, uncond, x[s:e], s, [(0, s), (e, len(x))], 0, refresh=False))
         return out
 
+    def _logits(self, queries: list[_Query]) -> list[torch.Tensor]:
+        """Each query's block logits. Rows that attend over a cache feed a block (or what follows it), rows that
+        (re)build theirs feed the whole sequence: padded into one forward, every short row would cost a long
+        one's width. They run as two forwards when that saves more than `split_tokens` padded positions (below
+        it, one pass over the weights is the cheaper: small batches are bound by reading the weights)."""
+        cached = [i for i, q in enumerate(queries) if q.ctx]
+        full = [i for i, q in enumerate(queries) if not q.ctx]
+
+        def padded(idx: list[int]) -> int:
+            return len(idx) * max((len(queries[i].ids) for i in idx), default=0)
+
+        groups = [list(range(len(queries)))]
+        if cached and full and padded(groups[0]) - padded(cached) - padded(full) > self.split_tokens:
+            groups = [full, cached]
+        out: list[torch.Tensor] = [torch.empty(0)] * len(queries)
+        for idx in groups:
+            logits = self._forward([queries[i] for i in idx])
+            at = 0
+            for i in idx:
+                s, e = queries[i].row.bounds()
+                out[i] = logits[at:at + e - s]
+                at += e - s
+        return out
+
     def _forward(self, queries: list[_Query]) -> torch.Tensor:
         """One padded forward over all queries; returns the logits of each query's block rows, in order."""
         cfg, dev = self.cfg, self.device
@@ -385,15 +411,16 @@ class DiffusionSampler:
         key_mask = torch.zeros((b, cw + width), dtype=torch.bool, device=dev)
         # The batch's cached keys/values change only when a row refreshes its cache or the batch changes: within
         # a block, steps reuse the assembled tensor instead of rebuilding it (a copy of every row's cache per step).
-        sources = [(q.row, q.uncond, tuple(q.ctx), q.row.un_kv if q.uncond else q.row.kv) for q in queries]
-        reuse = cw > 0 and len(sources) == len(self._past_sources) and all(
-            new[0] is old[0] and new[1] == old[1] and new[2] == old[2] and new[3] is old[3]
-            for new, old in zip(sources, self._past_sources))
-        past = self._past if reuse else None
-        if cw and not reuse:
-            past = torch.zeros(cfg.num_layers, 2, b, cw, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype,
-                               device=dev)
-        self._past, self._past_sources = past, (sources if past is not None else [])
+        # (A forward without cached context, e.g. the other half of a split step, leaves the memo alone.)
+        reuse, past = False, None
+        if cw:
+            sources = [(q.row, q.uncond, tuple(q.ctx), q.row.un_kv if q.uncond else q.row.kv) for q in queries]
+            reuse = len(sources) == len(self._past_sources) and all(
+                new[0] is old[0] and new[1] == old[1] and new[2] == old[2] and new[3] is old[3]
+                for new, old in zip(sources, self._past_sources))
+            past = self._past if reuse else torch.zeros(cfg.num_layers, 2, b, cw, cfg.num_kv_heads, cfg.head_dim,
+                                                        dtype=self.dtype, device=dev)
+            self._past, self._past_sources = past, sources
         rows_index = []
         for i, q in enumerate(queries):
             n = len(q.ids)
@@ -415,6 +442,7 @@ class DiffusionSampler:
         index = torch.tensor(rows_index, dtype=torch.long).to(dev, non_blocking=True)
         logits, kv = self.model(ids, pos, key_mask, past=past, logits_rows=index, want_kv=want_kv)
         self._counters["forward_tokens"] += sum(len(q.ids) for q in queries)
+        self._counters["forwards"] += 1
         for i, q in enumerate(queries):
             if q.refresh:
                 assert kv is not None

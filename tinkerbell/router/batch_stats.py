@@ -21,7 +21,7 @@ from tinkerbell.router.pool import Replica
 
 # Counters and queue lengths that add up over replicas; everything else is a per-replica setting.
 ADDITIVE = frozenset({"pending_requests", "running_seqs", "waiting_seqs", "batches_run", "requests_finished",
-                      "requests_failed", "tokens_generated", "steps", "forward_tokens"})
+                      "requests_failed", "tokens_generated", "steps", "forward_tokens", "forwards"})
 
 Fetch = Callable[[Replica], Awaitable[httpx.Response]]
 
