@@ -251,7 +251,7 @@ def bench_ours(name: str, device: torch.device, vocab: int, seqs: int, seq_len: 
     slots = LoraSlots(cfg, max_loras=2, max_lora_rank=32, dtype=torch.bfloat16, device=device)
 
     def handoff() -> None:
-        slots.register("one@x", trainer.snapshot("one"))
+        slots.register("one@x", trainer.snapshot("one"), copy=False)  # as the engine's handoff does
         slots.release(slots.acquire("one@x"))
 
     t_snap = timed(lambda: trainer.snapshot("one"), device, warmup=2, iters=20)

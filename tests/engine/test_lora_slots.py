@@ -99,3 +99,29 @@ def test_limits_and_errors(cfg, tmp_path):
     bad.a["lm_head"] = torch.zeros(2, 7)
     with pytest.raises(EngineUserError, match="does not fit"):
         slots.register("bad", bad)
+
+
+def test_reuse_after_larger_tenant_zeroes_its_tail_and_flags(cfg):
+    # One slot: a rank-8 adapter on every module, then a rank-2 attention-only one takes the slot over.
+    slots = LoraSlots(cfg, max_loras=1, max_lora_rank=8, dtype=torch.float32, device="cpu")
+    big, small = _adapter(cfg, rank=8, seed=3), _adapter(cfg, rank=2, seed=4, train_mlp=False)
+    slots.register("big", big)
+    slots.release(slots.acquire("big"))
+    slots.register("small", small, copy=False)
+    s = slots.acquire("small")
+    q, up = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"
+    assert torch.equal(slots.a[q][s, :2], small.a[q]) and (slots.a[q][s, 2:] == 0).all()
+    assert torch.equal(slots.b[q][s, :, :2], small.b[q]) and (slots.b[q][s, :, 2:] == 0).all()
+    assert (slots.a[up][s] == 0).all() and (slots.b[up][s] == 0).all()
+    assert slots.present[q][s] == 1 and slots.present[up][s] == 0
+    assert slots.scales[s] == pytest.approx(small.spec.scale)
+
+
+def test_register_without_copy_keeps_the_callers_tensors(cfg):
+    slots = LoraSlots(cfg, max_loras=1, max_lora_rank=8, dtype=torch.float32, device="cpu")
+    w = _adapter(cfg, rank=4, seed=5)
+    slots.register("mine", w, copy=False)  # a fresh snapshot handed over (the trainer's handoff)
+    key = "model.layers.0.self_attn.q_proj"
+    assert slots._sources["mine"].weights.a[key] is w.a[key]
+    slots.register("copied", w)
+    assert slots._sources["copied"].weights.a[key].data_ptr() != w.a[key].data_ptr()

@@ -65,8 +65,9 @@ class LoraSlots:
                 self.b[key] = torch.zeros(max_loras, fan_out, max_lora_rank, dtype=dtype, device=self.device)
         # Whether each slot's adapter targets each module (int32, 0/1): the gathered kernels skip the rest, so a
         # batch whose adapters leave lm_head alone never reads the lm_head slots.
-        self.present: dict[str, torch.Tensor] = {
-            key: torch.zeros(max_loras, dtype=torch.int32, device=self.device) for key in self.a}
+        # One [modules, slots] tensor, so a load sets a slot's flags for every module in one host→device copy.
+        self._present = torch.zeros(len(self.a), max(max_loras, 1), dtype=torch.int32, device=self.device)
+        self.present: dict[str, torch.Tensor] = {key: self._present[i] for i, key in enumerate(self.a)}
         # alpha / rank of each slot's adapter, for the gathered kernels (which see all slots at once).
         self.scales = torch.zeros(max(max_loras, 1), dtype=torch.float32, device=self.device)
         self.slots = [_Slot() for _ in range(max_loras)]
@@ -81,8 +82,10 @@ class LoraSlots:
 
     # ------------------------------------------------------------------------------------------- registry
 
-    def register(self, key: str, source: AdapterWeights | Path) -> None:
-        """Make `key` available (replacing what it named before); validates rank and shapes now, loads later."""
+    def register(self, key: str, source: AdapterWeights | Path, copy: bool = True) -> None:
+        """Make `key` available (replacing what it named before); validates rank and shapes now, loads later.
+        In-memory weights are copied unless `copy=False` (the caller hands over a fresh snapshot it will never
+        touch again: the trainer's handoff, which would otherwise pay for a second copy)."""
         if self.max_loras == 0:
             raise EngineUserError("adapter_key: LoRA sampling is disabled on this server (--max-loras 0)")
         if isinstance(source, AdapterWeights):
@@ -91,7 +94,9 @@ class LoraSlots:
             for k in source.a:
                 self._check_shapes(key, k, tuple(source.a[k].shape), tuple(source.b[k].shape), spec.rank,
                                    self.local_cfg)
-            weights, path = source.detached_copy(dtype=self.dtype, device=self.device), None
+            owned = not copy and all(t.dtype == self.dtype and t.device == self.device for t in source.parameters())
+            weights = source if owned else source.detached_copy(dtype=self.dtype, device=self.device)
+            path = None
         else:
             path = Path(source)
             spec = self._check_checkpoint(key, path)
@@ -183,18 +188,24 @@ class LoraSlots:
                 weights = shard_adapter(weights, self.shard)
         rank = src.spec.rank
         view = AdapterWeights(spec=src.spec)
+        keys = list(self.a)
+        targeted = [k for k in keys if k in weights.a]
+        for k in targeted:
+            view.a[k] = self.a[k][slot, :rank]
+            view.b[k] = self.b[k][slot, :, :rank]
+        # A few multi-tensor launches instead of several per module (~450 for 1B at r32): zero what a previous
+        # tenant may have left (a larger rank, more targets), then copy every module's A and B at once.
+        stale = [self.a[k][slot, rank:] for k in targeted] + [self.b[k][slot, :, rank:] for k in targeted]
+        stale += [t[slot] for k in keys if k not in weights.a for t in (self.a[k], self.b[k])]
         with torch.no_grad():
-            for k in self.a:
-                # Zero the whole slot first: a previous tenant may have had a larger rank or more targets.
-                self.a[k][slot].zero_()
-                self.b[k][slot].zero_()
-                self.present[k][slot] = int(k in weights.a)
-                if k not in weights.a:
-                    continue
-                self.a[k][slot, :rank].copy_(weights.a[k])
-                self.b[k][slot, :, :rank].copy_(weights.b[k])
-                view.a[k] = self.a[k][slot, :rank]
-                view.b[k] = self.b[k][slot, :, :rank]
+            stale = [t for t in stale if t.numel()]
+            if stale:
+                torch._foreach_zero_(stale)
+            if targeted:
+                torch._foreach_copy_([view.a[k] for k in targeted] + [view.b[k] for k in targeted],
+                                     [weights.a[k] for k in targeted] + [weights.b[k] for k in targeted])
+            flags = torch.tensor([int(k in weights.a) for k in keys], dtype=torch.int32)
+            self._present[:, slot].copy_(flags.to(self.device, non_blocking=True))
             self.scales[slot] = src.spec.scale
         self.slots[slot] = _Slot(key=key, version=src.version, view=view)
         self._resident[key] = slot

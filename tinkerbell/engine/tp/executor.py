@@ -2,9 +2,14 @@
 
 Rank 0 (the API process's engine thread) is the only rank that plans: it validates requests, schedules sampler
 steps and picks LoRA slots. Every operation that touches model tensors goes through `Mirror.run`, which
-broadcasts it once (one pickled message over the gloo `cpu_group`) and then applies it locally; each worker
-receives the same message and applies it to its own shard (worker.py). Since every rank starts from the same
-state and applies the same operations in the same order, every collective inside them lines up.
+broadcasts it once and then applies it locally; each worker receives the same message and applies it to its own
+shard (worker.py). Since every rank starts from the same state and applies the same operations in the same
+order, every collective inside them lines up.
+
+The broadcast is one pickle written to one pipe per worker (`PlanChannel`), not a gloo collective: a decode
+step's plan must cost rank 0 microseconds, and `broadcast_object_list` (two gloo round trips) cost ~1 ms for a
+64-sequence plan on a loaded CPU. A pipe also tells a worker at once that rank 0 is gone (EOF). Plans travel as
+plain tuples (dataclass pickling is several times slower).
 
 A message is `(slot_loads, (name, args))`: the LoRA slot loads rank 0's scheduler made since the previous
 message (a slot may be loaded for a request that is then not scheduled), then the operation. Ops:
@@ -25,12 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 import random
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
 
+from tinkerbell.engine.batch import SeqSpan
+from tinkerbell.engine.runner import StepPlan
 from tinkerbell.engine.tp.group import TPGroup
 
 if TYPE_CHECKING:
@@ -42,6 +51,38 @@ log = logging.getLogger("tinkerbell.engine.tp")
 STOP = "stop"
 
 
+_PLAN_FIELDS = [f.name for f in dataclasses.fields(StepPlan)]
+_SPAN_FIELDS = [f.name for f in dataclasses.fields(SeqSpan)]
+
+
+def pack_plan(plan: StepPlan) -> list:
+    return [[tuple(getattr(sp, n) for n in _SPAN_FIELDS) for sp in plan.spans] if n == "spans" else getattr(plan, n)
+            for n in _PLAN_FIELDS]
+
+
+def unpack_plan(packed: list) -> StepPlan:
+    kw = dict(zip(_PLAN_FIELDS, packed))
+    kw["spans"] = [SeqSpan(*t) for t in kw["spans"]]
+    return StepPlan(**kw)
+
+
+class PlanChannel:
+    """Rank 0 → workers, one way: `send` on rank 0 (one write per worker), `recv` on a worker (EOFError once
+    rank 0 is gone)."""
+
+    def __init__(self, writers: list[Connection] | None = None, reader: Connection | None = None):
+        self.writers, self.reader = writers or [], reader
+
+    def send(self, obj: Any) -> None:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        for w in self.writers:
+            w.send_bytes(data)
+
+    def recv(self) -> Any:
+        assert self.reader is not None
+        return pickle.loads(self.reader.recv_bytes())
+
+
 class OutOfStep(RuntimeError):
     """A rank failed part-way through a mirrored operation: the group can no longer agree on collectives."""
 
@@ -50,9 +91,11 @@ class Mirror:
     """One rank's view of the mirrored operations: `run` on rank 0 (broadcast, then apply), `serve` on workers
     (receive, apply, until stop). With `tp` None (the plain path) or a group of one, `run` only applies."""
 
-    def __init__(self, trainer: "Trainer", sampler: "Sampler", tp: TPGroup | None):
-        self.trainer, self.sampler, self.tp = trainer, sampler, tp
+    def __init__(self, trainer: "Trainer", sampler: "Sampler", tp: TPGroup | None,
+                 channel: PlanChannel | None = None):
+        self.trainer, self.sampler, self.tp, self.channel = trainer, sampler, tp, channel
         self.broadcasts = bool(tp is not None and tp.world > 1)
+        assert not self.broadcasts or channel is not None, "a TP group of several ranks needs its plan channel"
         lora = getattr(sampler, "lora", None)
         if self.broadcasts and tp is not None and tp.leader and lora is not None:
             lora.load_log = []
@@ -88,14 +131,14 @@ class Mirror:
             self._send((STOP, ()))
 
     def _send(self, op: tuple[str, tuple]) -> None:
-        assert self.tp is not None and self.tp.leader
+        assert self.tp is not None and self.tp.leader and self.channel is not None
         lora = self.sampler.lora
         loads, lora.load_log = lora.load_log or [], []
-        self.tp.broadcast((loads, op))
+        self.channel.send((loads, op))
 
-    def _send_step(self, plan: Any, copies: list[tuple[int, int, int]]) -> None:
+    def _send_step(self, plan: StepPlan, copies: list[tuple[int, int, int]]) -> None:
         """The sampler's hook: called after rank 0 planned a step and before it executes it."""
-        self._send(("step", (plan, copies)))
+        self._send(("step", (pack_plan(plan), copies)))
 
     # ------------------------------------------------------------------------------------------- every rank
 
@@ -115,9 +158,9 @@ class Mirror:
 
     def serve(self) -> None:
         """A worker's loop: apply rank 0's messages until it says stop. Raises when rank 0 is gone."""
-        assert self.tp is not None and not self.tp.leader
+        assert self.tp is not None and not self.tp.leader and self.channel is not None
         while True:
-            loads, (name, args) = self.tp.broadcast()
+            loads, (name, args) = self.channel.recv()
             for slot, key in loads:
                 self.sampler.lora.load_as(slot, key)
             if name == STOP:
@@ -134,11 +177,12 @@ class Mirror:
         return self.trainer.run_segments(segments)
 
     def _publish(self, run_id: str, adapter_key: str) -> None:
-        self.sampler.register_adapter(adapter_key, self.trainer.snapshot(run_id))
+        # The snapshot is a fresh copy nobody else holds: the slots take it as is (no second copy).
+        self.sampler.lora.register(adapter_key, self.trainer.snapshot(run_id), copy=False)
 
-    def _step(self, plan: Any, copies: list[tuple[int, int, int]]) -> None:
+    def _step(self, packed: list, copies: list[tuple[int, int, int]]) -> None:
         with torch.inference_mode():
-            self.sampler.execute(plan, copies)  # the logits are rank 0's to sample from
+            self.sampler.execute(unpack_plan(packed), copies)  # the logits are rank 0's to sample from
 
     def sync_memory_plan(self) -> None:
         """At startup, on every rank at once: each measures its training memory plan together (the probe forward may run collectives), then
