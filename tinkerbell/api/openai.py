@@ -25,11 +25,6 @@ import uuid
 from typing import Any, AsyncIterator, Callable, Coroutine
 
 import pydantic
-
-try:  # several times faster than json for the many small SSE chunks; the stdlib is the fallback
-    import orjson
-except ImportError:  # pragma: no cover - orjson is in requirements.lock
-    orjson = None  # type: ignore[assignment]
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -44,6 +39,11 @@ from tinkerbell.service.errors import ServiceError
 from tinkerbell.service.openai_adapters import AdapterRegistry
 from tinkerbell.service.openai_completions import (Choice, Completion, CompletionService, LiveText, Submitted,
                                                    TokenLogprob)
+
+try:  # several times faster than json for the many small SSE chunks; the stdlib is the fallback
+    import orjson
+except ImportError:  # pragma: no cover - orjson is in requirements.lock
+    orjson = None  # type: ignore[assignment]
 
 log = logging.getLogger("tinkerbell.openai")
 
@@ -362,6 +362,8 @@ class _Stream:
         """The rest of a finished choice after the `already` streamed text, then its finish chunk."""
         out = []
         if already:
+            if not c.text.startswith(already):  # the live decode and the final one disagree: should not happen
+                log.warning("streamed text of choice %d is not a prefix of its final text", c.index)
             rest = c.text[len(already):] if c.text.startswith(already) else c.text
             if rest:
                 out.append(self.chunk([self.piece(c.index, rest, None, None)]))

@@ -13,7 +13,6 @@ import functools
 import logging
 import re
 import threading
-import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -213,7 +212,7 @@ class CompletionService:
     def __init__(self, engine: "Engine", samplers: SamplerManager, adapters: AdapterRegistry, model_name: str):
         self.engine, self.samplers, self.adapters = engine, samplers, adapters
         self.model_name = model_name
-        self._wakers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waker]" = weakref.WeakKeyDictionary()
+        self._wakers: dict[asyncio.AbstractEventLoop, _Waker] = {}  # one loop in a server; tests may run more
 
     @property
     def tokenizer(self) -> Any:
