@@ -67,3 +67,16 @@ def test_the_direct_rust_decode_is_what_the_tokenizer_decodes(tok):
     assert text._rust_decode(type(tok)) is not None  # the fixture's tokenizer takes the fast path
     for ids in _outputs(tok, 50, 12, seed=3) + [tok.encode("<|im_start|>user\nhi<|im_end|>")]:
         assert text.decode(tok, ids) == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_a_long_run_of_tokens_without_text_keeps_the_window_short(tok):
+    # Ids beyond this tokenizer's vocabulary decode to nothing (a random model with a smaller tokenizer).
+    words = tok.encode(" one two three")
+    output = [len(tok) + 5] * 300 + words + [len(tok) + 9] * 300 + words
+    d = text.PieceDecoder(tok, tok.encode("Hi"))
+    got, longest = [], 0
+    for t in output:
+        got.append(d.add(t))
+        longest = max(longest, len(d.ids))
+    assert "".join(got) + d.flush() == " one two three one two three"
+    assert longest < 40

@@ -16,6 +16,10 @@ from typing import Any, Callable, Protocol, Sequence
 # Prompt tokens decoded before the first output token so that the first piece gets its leading space right
 # (SentencePiece tokenizers drop a leading space at the start of a decode).
 _CONTEXT_TOKENS = 5
+# Tokens that add no text (special tokens; ids a mismatched tokenizer does not know) keep the window open, as
+# an unfinished character does. Past this many in a row with the text complete, the window moves on anyway,
+# so a long run of them costs linear time, not a decode of the whole run at every flush.
+_EMPTY_RUN = 16
 
 
 class Tokenizer(Protocol):
@@ -73,6 +77,9 @@ class PieceDecoder:
             del self.ids[:self.read]
             self.prefix, self.read = 0, len(self.ids)
             return now[len(before):]
+        if now == before and end - self.read >= _EMPTY_RUN and not now.endswith("\ufffd"):
+            del self.ids[:self.read]  # the run added nothing: the next window starts where it began
+            self.prefix, self.read = 0, len(self.ids)
         return ""
 
     def flush(self) -> str:
