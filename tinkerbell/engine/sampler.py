@@ -203,7 +203,13 @@ class Sampler:
         if self._async.inflight is not None:
             self._async.advance()
             return
-        out = self.scheduler.schedule()
+        self.step_scheduled()
+
+    def step_scheduled(self, skip: frozenset[int] | set[int] = frozenset(), budget: int | None = None) -> None:
+        """A step of the scheduler's choosing, read before returning unless it can be left in flight (a pure
+        decode step, asynchronous decode on, nothing else in flight). `skip`/`budget`: see Scheduler.schedule
+        (the asynchronous loop runs admissions and prefill chunks this way beside its decode step)."""
+        out = self.scheduler.schedule(skip, budget)
         for group, exc in out.failed:
             self._fail_group(group, exc)
         if not out.scheduled:
@@ -216,8 +222,14 @@ class Sampler:
             logits = self.execute(plan, out.copies)
             # Logprobs as logits - logsumexp, formed only for the rows that need them (never a [R, V] copy).
             lse = logits.logsumexp(dim=-1)
-            if self._async_on() and self._async.deferrable(out.scheduled, rows):
-                self._async.launch_scheduled(out.scheduled, logits, lse)
+            defer = self._async.deferrable(out.scheduled, rows) if not skip and self._async_on() else []
+            if any(defer):
+                # Its decode rows stay in flight (the asynchronous loop starts); the rest is read now.
+                later = [(item, r) for item, r, d in zip(out.scheduled, rows, defer) if d]
+                now = [(item, r) for item, r, d in zip(out.scheduled, rows, defer) if not d]
+                self._async.launch_scheduled([i for i, _ in later], [r.sample for _, r in later], logits, lse)
+                if now:
+                    self._postprocess([i for i, _ in now], [r for _, r in now], logits, lse)
             else:
                 self._postprocess(out.scheduled, rows, logits, lse)
 

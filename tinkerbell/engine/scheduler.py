@@ -220,15 +220,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------- one step
 
-    def schedule(self) -> SchedulerOutput:
-        budget = self.max_batch_tokens
+    def schedule(self, skip: frozenset[int] | set[int] = frozenset(), budget: int | None = None) -> SchedulerOutput:
+        """This step's work. `skip` (ids of sequences) are running elsewhere — in the asynchronous decode step
+        in flight — and are neither scheduled nor preempted here; `budget` then is what that step leaves."""
+        budget = self.max_batch_tokens if budget is None else budget
         out = SchedulerOutput(scheduled=[], copies=[], failed=[])
-        scheduled: set[int] = set()
+        scheduled: set[int] = set(skip)
         preempted = False
         # Decodes first (one token each), then the next chunks of unfinished prefills, so a long prompt never
         # stalls the sequences that are already generating.
-        order = ([s for s in self.running if s.num_uncomputed == 1]
-                 + [s for s in self.running if s.num_uncomputed > 1])
+        order = ([s for s in self.running if s.num_uncomputed == 1 and id(s) not in skip]
+                 + [s for s in self.running if s.num_uncomputed > 1 and id(s) not in skip])
         for seq in order:
             if budget == 0:
                 break
@@ -301,6 +303,9 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def reserve(self, seq: Sequence, n: int) -> list[tuple[int, int, int]] | None:
+        return self._reserve(seq, n)
 
     def _reserve(self, seq: Sequence, n: int) -> list[tuple[int, int, int]] | None:
         """Blocks for positions [num_computed, num_computed + n) of a running sequence, copying a shared
