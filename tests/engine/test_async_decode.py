@@ -158,8 +158,8 @@ def test_requests_arriving_while_a_step_is_in_flight(tiny_llama_dir, kw, per_ste
     got = _staggered(sampler, adapters, _mixed_jobs(4), per_step)
     _same(got, ref)
     for g, r in zip(got, ref):
-        assert np.allclose(np.array(g.prompt_logprobs or [], dtype=float), np.array(r.prompt_logprobs or [], dtype=float),
-                           atol=1e-4, equal_nan=True)
+        gp, rp = (np.array(x.prompt_logprobs or [], dtype=float) for x in (g, r))
+        assert np.allclose(gp, rp, atol=1e-4, equal_nan=True)
     assert any(s.topk_ids is not None for r in ref for s in r.sequences)
     a = sampler._async
     assert a.launched > 10 and a.joined > 0 and a.side_steps > 0

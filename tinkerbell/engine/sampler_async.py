@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from tinkerbell.engine.runner import DecodeRows, StepPlan
-from tinkerbell.engine.sampling import RowSampling, _to_device
+from tinkerbell.engine.sampling import RowSampling, to_device
 from tinkerbell.engine.scheduler import ScheduledSeq, SeqStatus, Sequence, SequenceGroup
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class AsyncDecoder:
         """Sample these decode rows of a synchronous-path step (`sample_rows`: their rows of `logits`) on the
         device and leave them in flight, unread: the asynchronous loop starts from them."""
         if sample_rows != list(range(logits.shape[0])):
-            index = _to_device(np.asarray(sample_rows, dtype=np.int64), logits.device)
+            index = to_device(np.asarray(sample_rows, dtype=np.int64), logits.device)
             logits, lse = logits[index], lse[index]
         seqs = [item.seq for item in scheduled]
         bs = self.s.blocks.block_size
@@ -182,7 +182,7 @@ class AsyncDecoder:
             pos, fresh = pos[keep], fresh[keep]
             tables, limit, lora = prev.tables[keep], prev.limit[keep], prev.lora[keep]
             sampling = prev.sampling.subset(keep)
-            ids = prev.tokens.index_select(0, _to_device(keep.astype(np.int64), prev.tokens.device))
+            ids = prev.tokens.index_select(0, to_device(keep.astype(np.int64), prev.tokens.device))
             version = next(self._versions)
             topk_k = _topk_k(seqs)
         col = pos // bs
@@ -249,7 +249,7 @@ class AsyncDecoder:
         for i, q in enumerate(joined):
             merged[n + i, :len(q.block_table)] = q.block_table
         all_seqs = seqs + joined
-        new_ids = _to_device(np.array([q.tokens[-1] for q in joined], dtype=np.int64), ids.device)
+        new_ids = to_device(np.array([q.tokens[-1] for q in joined], dtype=np.int64), ids.device)
         return (all_seqs,
                 np.concatenate([pos, np.array([q.num_computed for q in joined], dtype=np.int64)]),
                 merged,

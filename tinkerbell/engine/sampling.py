@@ -69,7 +69,7 @@ def make_generator(seed: int | None, sample_index: int, device: torch.device) ->
 def _filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Tempered logits with everything outside each row's top-k / top-p set to -inf."""
     dev = logits.device
-    temps = _to_device(np.array([p.temperature for p in params], dtype=np.float32), dev).to(logits.dtype)
+    temps = to_device(np.array([p.temperature for p in params], dtype=np.float32), dev).to(logits.dtype)
     scaled = logits / temps[:, None]
     if not any(p.filtered for p in params):
         return scaled
@@ -77,10 +77,10 @@ def _filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     # Stable sort: among equal logits the lower id ranks first, as argmax would pick it.
     sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
     rank = torch.arange(vocab, device=logits.device)[None, :]
-    ks = _to_device(np.array([p.top_k if p.top_k > 0 else vocab for p in params], dtype=np.int64), dev)
+    ks = to_device(np.array([p.top_k if p.top_k > 0 else vocab for p in params], dtype=np.int64), dev)
     drop = rank >= ks[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    top_ps = _to_device(np.array([p.top_p for p in params], dtype=np.float32), dev).to(logits.dtype)
+    top_ps = to_device(np.array([p.top_p for p in params], dtype=np.float32), dev).to(logits.dtype)
     probs = sorted_logits.softmax(dim=-1)
     # Keep the smallest prefix whose mass reaches top_p: a token goes when the mass before it already does.
     mass_before = probs.cumsum(dim=-1) - probs
@@ -111,7 +111,7 @@ def sample_fast(logits: torch.Tensor, params: list[SamplingParams], seeds: list[
     return RowSampling.build(params, seeds, logits.device).sample(logits, np.asarray(positions, dtype=np.int64))
 
 
-def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array on the device without waiting for the GPU (pinned source, non-blocking copy)."""
     t = torch.from_numpy(a)
     if device.type == "cuda":
@@ -137,7 +137,7 @@ class RowSampling:
         filtered = [i for i, p in enumerate(params) if p.filtered]
         temps = np.array([0.0 if p.greedy else 1.0 if p.filtered else p.temperature for p in params],
                          dtype=np.float32)
-        return cls(params, np.asarray(seeds, dtype=np.int64), False, filtered, _to_device(temps, device))
+        return cls(params, np.asarray(seeds, dtype=np.int64), False, filtered, to_device(temps, device))
 
     def subset(self, keep: np.ndarray) -> "RowSampling":
         """The same rows' inputs for the rows `keep` (indices, in order)."""
@@ -155,10 +155,10 @@ class RowSampling:
         dev = logits.device
         if self.filtered:
             logits = logits.clone()
-            index = _to_device(np.asarray(self.filtered, dtype=np.int64), dev)
+            index = to_device(np.asarray(self.filtered, dtype=np.int64), dev)
             logits[index] = _filter_logits(logits[index], [self.params[i] for i in self.filtered])
         keys = row_keys(self.seeds, positions.astype(np.int64))  # numpy: the same integer arithmetic as torch
-        return sample_rows(logits, self.temps, _to_device(np.ascontiguousarray(keys), dev))
+        return sample_rows(logits, self.temps, to_device(np.ascontiguousarray(keys), dev))
 
 
 def topk(logprobs: torch.Tensor, k: int, lse: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
