@@ -118,6 +118,21 @@ def test_cancel_mid_run_frees_everything_and_leaves_the_others_unchanged(tiny_ll
     assert st["kv_blocks_used"] == 0 and st["running_seqs"] == 0 and not sampler.has_work()
 
 
+def test_fail_all_with_a_step_in_flight_leaves_a_clean_sampler(tiny_llama_dir):
+    sampler = _sampler(tiny_llama_dir, True)
+    futs = [submit(sampler, SampleJob(prompt=p, max_tokens=30, stop_at_eos=False)) for p in PROMPTS]
+    for _ in range(4):
+        sampler.step()
+    assert sampler._async.inflight is not None
+    sampler.fail_all(RuntimeError("boom"))
+    for f in futs:
+        with pytest.raises(RuntimeError, match="boom"):
+            f.result(timeout=0)
+    assert not sampler.has_work() and sampler.stats()["kv_blocks_used"] == 0
+    job = SampleJob(prompt=PROMPTS[1], max_tokens=8, temperature=0.0, stop_at_eos=False)
+    _same(run(sampler, [job]), run(_sampler(tiny_llama_dir, False), [job]))
+
+
 def test_preemption_under_a_small_cache_gives_the_sync_tokens(tiny_llama_dir):
     g = torch.Generator().manual_seed(3)
     jobs = [SampleJob(prompt=torch.randint(0, 300, (9 + 3 * i,), generator=g).tolist(), max_tokens=24,
