@@ -136,6 +136,26 @@ def block_step(model: Any, sampler: DiffusionSampler, prompts: list[list[int]], 
             "ours_tflops": flops / ours / 1e12, "ours_run_s": sum(times)}
 
 
+def graphs_check(model: Any, prompts: list[list[int]], args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """dual_cache with CUDA graphs (diffusion_graphs.py) vs without, in process: the block step at batch n and
+    one request's tokens/s, and whether the tokens are identical."""
+    out: dict[str, Any] = {}
+    tokens = {}
+    for graphs in (False, True):
+        sampler = DiffusionSampler(model, torch.device(device), next(model.parameters()).dtype, eos_token_ids=[],
+                                   decode=lambda i: "", max_context=4096, batch_size=len(prompts),
+                                   cuda_graphs=graphs)
+        times: list[float] = []
+        tokens[graphs] = ours_tokens(sampler, prompts, args.gen, args.gen, args.block, "dual_cache", times)
+        out[f"step_ms_{graphs}"] = statistics.median(times) * 1e3
+        ours_tokens(sampler, prompts[:1], args.gen, args.gen, args.block, "dual_cache")  # graphs of batch 1
+        t = timed(lambda: ours_tokens(sampler, prompts[:1], args.gen, args.gen, args.block, "dual_cache"), device)
+        out[f"one_tok_s_{graphs}"] = args.gen / t
+        out[f"replays_{graphs}"] = sampler.stats()["cuda_graph_replays"]
+    out["identical"] = tokens[False] == tokens[True]
+    return out
+
+
 # ------------------------------------------------------------------------------------------- checkpoint
 
 
@@ -270,6 +290,8 @@ def main() -> int:
     inproc = matching(got[0], ref_tokens)
     step = block_step(model, sampler, prompts.tolist(), args, dev)
     peak = matmul_peak(dev)
+    graphs = graphs_check(model, prompts.tolist(), args, dev) if dev == "cuda" else None
+    log(f"CUDA graphs check: {graphs}")
     log(f"block step: {step}; measured bf16 matmul peak {peak}")
 
     ckpt = args.checkpoint or Path(tempfile.mkdtemp(prefix="llada-bench-"))
@@ -365,6 +387,12 @@ def main() -> int:
         print(f"- {dtype} through HTTP (dp 1), basic vs reference: {s}/{n} sequences, {t}/{tot} tokens identical")
     print(f"- in process (no HTTP), {n} requests at once, steps {args.gen}: basic {n / t_basic:.2f} req/s, "
           f"dual_cache {n / step['ours_run_s']:.2f} req/s")
+    if graphs is not None:
+        print(f"- CUDA graphs (TINKERBELL_DIFFUSION_CUDA_GRAPHS=1; this table's servers: "
+              f"{os.environ.get('TINKERBELL_DIFFUSION_CUDA_GRAPHS', '0')}), in process, dual_cache: block step at "
+              f"batch {n} {graphs['step_ms_False']:.1f} -> {graphs['step_ms_True']:.1f} ms; 1 request "
+              f"{graphs['one_tok_s_False']:.0f} -> {graphs['one_tok_s_True']:.0f} tok/s; "
+              f"{graphs['replays_True']} replays; tokens identical: {'yes' if graphs['identical'] else 'NO'}")
     if peak is not None:
         print(f"- bf16 matmul peak measured in this run (8192^3): {peak:.0f} TFLOP/s")
     print(f"- checkpoint write {t_write:.0f}s; server start dp 1 {load_s.get(1, 0):.0f}s, dp 2 {load_s.get(2, 0):.0f}s;"

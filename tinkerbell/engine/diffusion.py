@@ -42,6 +42,8 @@ from typing import Any
 import torch
 
 from tinkerbell.engine import sampling
+from tinkerbell.engine.diffusion_graphs import GraphCache
+from tinkerbell.engine.diffusion_graphs import wanted as graphs_wanted
 from tinkerbell.engine.models.llada import LLaDAModel
 from tinkerbell.engine.sampler import settle
 from tinkerbell.engine.types import EngineUserError, SampledSequence, SampleJob, SampleResult
@@ -200,7 +202,8 @@ class DiffusionSampler:
     def __init__(self, model: LLaDAModel, device: torch.device, dtype: torch.dtype, eos_token_ids: list[int],
                  decode: Callable[[list[int]], str], max_context: int, algorithm: str = "basic",
                  batch_size: int = 16, max_wait_time: float = 0.0, max_batch_tokens: int = 65536,
-                 default_block_length: int = 32, split_tokens: int = SPLIT_TOKENS):
+                 default_block_length: int = 32, split_tokens: int = SPLIT_TOKENS,
+                 cuda_graphs: bool | None = None):
         if model.cfg.mask_token_id is None:
             raise ValueError("diffusion model config has no mask_token_id")
         self.model, self.cfg = model, model.cfg
@@ -215,6 +218,8 @@ class DiffusionSampler:
         self.batch_size, self.max_wait_time = int(batch_size), float(max_wait_time)
         self.max_batch_tokens, self.default_block_length = int(max_batch_tokens), int(default_block_length)
         self.split_tokens = int(split_tokens)
+        # CUDA graphs of the block steps (diffusion_graphs.py): None reads TINKERBELL_DIFFUSION_CUDA_GRAPHS.
+        self._graphs = GraphCache(model) if graphs_wanted(self.device, cuda_graphs) else None
         self._waiting: deque[_Row] = deque()
         self._running: list[_Row] = []
         self._groups: dict[int, _Group] = {}
@@ -440,7 +445,15 @@ class DiffusionSampler:
         want_kv = any(q.refresh for q in queries)
         # non_blocking: a plain host-to-device copy would wait for the GPU to finish the previous step first.
         index = torch.tensor(rows_index, dtype=torch.long).to(dev, non_blocking=True)
-        logits, kv = self.model(ids, pos, key_mask, past=past, logits_rows=index, want_kv=want_kv)
+        replayed = None
+        if self._graphs is not None and not want_kv:
+            replayed = self._graphs.forward(ids, pos, key_mask, past, index)
+        if replayed is not None:
+            logits, kv = replayed[0], None
+            if past is not None:
+                self._past = replayed[1]  # the graph's copy is the memo now: the next steps copy nothing big
+        else:
+            logits, kv = self.model(ids, pos, key_mask, past=past, logits_rows=index, want_kv=want_kv)
         self._counters["forward_tokens"] += sum(len(q.ids) for q in queries)
         self._counters["forwards"] += 1
         for i, q in enumerate(queries):
@@ -565,6 +578,7 @@ class DiffusionSampler:
             "batches_run": batches,
             "mean_batch_size": (sum(k * v for k, v in self._hist.items()) / batches) if batches else 0.0,
             "batch_size_histogram": {str(k): v for k, v in sorted(self._hist.items())},
+            "cuda_graph_replays": self._graphs.replays if self._graphs is not None else 0,
             **c,
         }
 

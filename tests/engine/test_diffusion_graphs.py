@@ -1,0 +1,62 @@
+"""The diffusion sampler's graph path (diffusion_graphs.py): requests get the tokens they get eagerly, across
+algorithms, staggered joins (cached contexts rebuilt into and adopted from a graph's buffers) and split steps.
+On the CPU the path runs its static buffers eagerly; on a GPU the same test replays real CUDA graphs."""
+
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+from tinkerbell.engine.diffusion import DiffusionSampler
+from tinkerbell.engine.models.loader import load_model
+from tinkerbell.engine.types import SampleJob
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def model(request, tiny_llada_dir):
+    return load_model(tiny_llada_dir, torch.float32, request.param)
+
+
+def _run(model, jobs: list[SampleJob], graphs: bool, **kw) -> tuple[list[list[int]], dict]:
+    dev = next(model.parameters()).device
+    sampler = DiffusionSampler(model, dev, torch.float32, eos_token_ids=[], decode=lambda ids: "", max_context=512,
+                               batch_size=16, cuda_graphs=graphs, **kw)
+    futs = []
+    for job in jobs:  # each joins a step after the previous: blocks and cache rebuilds fall on different steps
+        futs.append(Future())
+        sampler.add_request(job, futs[-1])
+        sampler.step()
+    while sampler.has_work():
+        sampler.step()
+    return [s.tokens for f in futs for s in f.result().sequences], sampler.stats()
+
+
+JOBS = [SampleJob(prompt=[20 + i, 30, 31 + i], max_tokens=12, temperature=0.0, steps=12, block_length=4,
+                  generation_algorithm=("basic", "prefix_cache", "dual_cache")[i % 3], stop_at_eos=False)
+        for i in range(5)] + [
+    SampleJob(prompt=[60, 61], max_tokens=8, temperature=0.7, seed=5, steps=8, block_length=4, num_samples=2,
+              generation_algorithm="dual_cache", cfg_scale=1.0, stop_at_eos=False)]
+
+
+@pytest.mark.parametrize("split_tokens", [0, 10_000])
+def test_graph_path_gives_the_eager_tokens(model, split_tokens):
+    eager, _ = _run(model, JOBS, graphs=False, split_tokens=split_tokens)
+    graphed, stats = _run(model, JOBS, graphs=True, split_tokens=split_tokens)
+    assert graphed == eager and stats["cuda_graph_replays"] > 0
+
+
+def test_block_steps_of_a_steady_batch_replay(model):
+    jobs = [SampleJob(prompt=[20 + i, 30], max_tokens=16, temperature=0.0, steps=16, block_length=4,
+                      generation_algorithm="dual_cache", stop_at_eos=False) for i in range(3)]
+    dev = next(model.parameters()).device
+    sampler = DiffusionSampler(model, dev, torch.float32, eos_token_ids=[], decode=lambda ids: "", max_context=512,
+                               cuda_graphs=True)
+    for job in jobs:
+        sampler.add_request(job, Future())
+    while sampler.has_work():
+        sampler.step()
+    # 4 blocks of 4 steps: each block's first step rebuilds the cache (eager), the very first cached step
+    # meets a new shape (eager, then captured): the other 11 replay.
+    assert sampler.stats()["steps"] == 16 and sampler.stats()["cuda_graph_replays"] == 11

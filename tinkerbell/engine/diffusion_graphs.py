@@ -1,0 +1,120 @@
+"""CUDA graphs for the diffusion sampler's forwards (LLaDA), off unless asked for.
+
+A LLaDA forward is about 1,750 small torch ops (32 layers of unfused norms, RoPE, concatenations); launched one
+by one from Python they take longer than the GPU needs for a 32-token block step at batch 1, so the step is
+bound by the CPU. Within a block every step of a batch has the same shapes (the same rows, the same cached
+context), so one graph captured on the second sight of a shape replays the remaining steps in one launch.
+
+Only forwards that return no keys/values are graphed (cache-building steps run eagerly: they are 1 in
+steps-per-block). A graph owns static copies of its inputs; `run` copies the step's inputs in (the cached
+context only when it is a different tensor: the sampler adopts the graph's copy as its memo, so within a block
+nothing large moves) and replays. The logits it returns live in the graph's output buffer until its next
+replay, which the sampler's single stream orders after every read of them. Any failure to capture turns
+graphs off for the sampler (logged) and the step runs eagerly. On the CPU (tests) nothing is captured: the
+same static buffers are run eagerly, so the bookkeeping is what the tests check.
+
+Enable with `TINKERBELL_DIFFUSION_CUDA_GRAPHS=1` (or `DiffusionSampler(cuda_graphs=True)`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+log = logging.getLogger("tinkerbell.diffusion")
+
+ENV = "TINKERBELL_DIFFUSION_CUDA_GRAPHS"
+MAX_GRAPHS = 4  # shapes kept at once (each holds its inputs, a cached context and its logits)
+
+Key = tuple[Any, ...]
+
+
+def wanted(device: torch.device, flag: bool | None) -> bool:
+    """An explicit flag wins (on the CPU it runs the static-buffer path without capture, which tests use);
+    otherwise CUDA devices read the environment variable."""
+    if flag is not None:
+        return flag
+    return device.type == "cuda" and os.environ.get(ENV, "0") == "1"
+
+
+class _Graph:
+    def __init__(self, model: Any, ids: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor,
+                 past: torch.Tensor | None, index: torch.Tensor):
+        self.model = model
+        self.ids, self.pos, self.key_mask, self.index = ids.clone(), pos.clone(), key_mask.clone(), index.clone()
+        self.past = None if past is None else past.clone()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits = torch.empty(0)
+        if ids.device.type != "cuda":
+            return  # the CPU runs the same static buffers eagerly (see `run`): the tests' view of this path
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture (lazy inits, autotuning)
+            for _ in range(2):
+                self._call()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._call()
+
+    def _call(self) -> torch.Tensor:
+        return self.model(self.ids, self.pos, self.key_mask, past=self.past, logits_rows=self.index)[0]
+
+    def run(self, ids: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, past: torch.Tensor | None,
+            index: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        self.key_mask.copy_(key_mask)
+        self.index.copy_(index)
+        if past is not None and past is not self.past:
+            assert self.past is not None
+            self.past.copy_(past)
+        if self.graph is None:
+            self.logits = self._call()
+        else:
+            self.graph.replay()
+        return self.logits
+
+
+class GraphCache:
+    """Graphs by shape, least recently used dropped beyond MAX_GRAPHS; a shape is captured on its second sight."""
+
+    def __init__(self, model: Any, max_graphs: int = MAX_GRAPHS):
+        self.model, self.max_graphs = model, max_graphs
+        self.graphs: OrderedDict[Key, _Graph] = OrderedDict()
+        self.seen: OrderedDict[Key, None] = OrderedDict()
+        self.failed = False
+        self.replays = 0
+        self.captures = 0
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, past: torch.Tensor | None,
+                index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(logits, the graph's copy of `past`) from a replay, or None: run this forward eagerly."""
+        if self.failed:
+            return None
+        key = (tuple(ids.shape), tuple(key_mask.shape), None if past is None else tuple(past.shape),
+               index.numel(), ids.device)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key not in self.seen:
+                self.seen[key] = None
+                while len(self.seen) > 64:
+                    self.seen.popitem(last=False)
+                return None
+            try:
+                graph = _Graph(self.model, ids, pos, key_mask, past, index)
+            except Exception:  # noqa: BLE001 - graphs are an optimisation: fall back to eager for good
+                log.exception("CUDA graph capture of a diffusion forward failed; running eagerly from now on")
+                self.failed = True
+                return None
+            self.captures += 1
+            self.graphs[key] = graph
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        self.replays += 1
+        return graph.run(ids, pos, key_mask, past, index), graph.past
