@@ -153,6 +153,8 @@ def graphs_check(model: Any, prompts: list[list[int]], args: argparse.Namespace,
         out[f"one_tok_s_{graphs}"] = args.gen / t
         out[f"replays_{graphs}"] = sampler.stats()["cuda_graph_replays"]
     out["identical"] = tokens[False] == tokens[True]
+    flops = len(prompts) * args.block * flops_per_token(model.cfg, args.prompt_len + args.gen)
+    out["tflops"] = flops / (out["step_ms_True"] / 1e3) / 1e12
     return out
 
 
@@ -390,7 +392,8 @@ def main() -> int:
     if graphs is not None:
         print(f"- CUDA graphs (TINKERBELL_DIFFUSION_CUDA_GRAPHS=1; this table's servers: "
               f"{os.environ.get('TINKERBELL_DIFFUSION_CUDA_GRAPHS', '0')}), in process, dual_cache: block step at "
-              f"batch {n} {graphs['step_ms_False']:.1f} -> {graphs['step_ms_True']:.1f} ms; 1 request "
+              f"batch {n} {graphs['step_ms_False']:.1f} -> {graphs['step_ms_True']:.1f} ms "
+              f"({graphs['tflops']:.0f} TFLOP/s = {100 * graphs['tflops'] / PEAK_TFLOPS:.0f}%); 1 request "
               f"{graphs['one_tok_s_False']:.0f} -> {graphs['one_tok_s_True']:.0f} tok/s; "
               f"{graphs['replays_True']} replays; tokens identical: {'yes' if graphs['identical'] else 'NO'}")
     if peak is not None:
