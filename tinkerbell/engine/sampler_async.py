@@ -128,8 +128,8 @@ class AsyncDecoder:
 
     def advance(self) -> None:
         """Launch the next decode step (its rows, plus sequences that became ready to decode), read and book
-        the one in flight, then run what the decode step does not cover — admissions, prefill chunks, rows
-        that need top-k logprobs — as a synchronous step beside it."""
+        the one in flight, then run what the decode step does not cover — admissions, prefill chunks, decodes
+        that found no free block to join — as a synchronous step beside it."""
         prev = self.inflight
         assert prev is not None
         with torch.inference_mode():
