@@ -231,10 +231,14 @@ def start_server(ckpt: Path, work: Path, dp: int, devices: str | None, device: s
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
-    deadline = time.monotonic() + 900
-    while dp > 1 and time.monotonic() < deadline:  # the router answers once one replica is up: wait for all
-        if httpx.get(server.url + "/stats", timeout=5).json().get("healthy_workers") == dp:
+    deadline = time.monotonic() + 300
+    while dp > 1:  # the router answers once one replica is up: wait for all
+        healthy = httpx.get(server.url + "/stats", timeout=5).json().get("healthy_workers")
+        if healthy == dp:
             break
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"only {healthy} of {dp} replicas became healthy in 300 s (see the replica logs)")
         time.sleep(0.5)
     return server
 
@@ -355,7 +359,8 @@ def main() -> int:
 
     gpu = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     dp2_where = f"CUDA_VISIBLE_DEVICES={args.dp2_devices}" if args.dp2_devices else "both replicas on ONE GPU"
-    print(f"\n## Diffusion LMs: {gpu}, {'tiny' if args.small else 'LLaDA-8B'} shape, random weights, {dtype}, "
+    print(f"\n## Diffusion LMs: {gpu}, torch {torch.__version__}, {'tiny' if args.small else 'LLaDA-8B'} shape, "
+          f"random weights, {dtype}, "
           f"prompt {args.prompt_len}, {args.gen} new tokens, block {args.block}, temperature 0, fixed steps\n")
     cols = " | ".join(algos)
     print(f"| figure | reference (plain loop, same run) | ours: {cols} | target |")
