@@ -9,7 +9,8 @@ Everything runs on the engine thread, so nothing here locks.
 Two forward paths share everything else: the reference (plain torch: per-span attention, per-segment LoRA,
 per-row generators; the CPU default) and the fast path (runner.py: paged Triton attention, gathered
 multi-LoRA, fused projections, CUDA graphs for decode, batched sampling; the GPU default). Either way a step
-ends with one device→host copy of the sampled tokens and their logprobs.
+ends with one device→host copy of the sampled tokens and their logprobs. On the fast path decode steps are
+asynchronous by default on the GPU (sampler_async.py): step n+1 is launched before step n's copy is read.
 """
 
 from __future__ import annotations
