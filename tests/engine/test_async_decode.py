@@ -33,13 +33,19 @@ def _same(got: list[SampleResult], ref: list[SampleResult]) -> None:
                 assert np.allclose(gs.topk_logprobs, rs.topk_logprobs, atol=1e-4)
 
 
-def _stopping_jobs(path) -> list[SampleJob]:
-    """Requests that end at different steps, each for a different reason; the stop token and string are
-    taken from an unstopped greedy run so they really fire mid-way."""
+def _first_new(tokens: list[int], after: int) -> int:
+    return next(t for i, t in enumerate(tokens) if i >= after and t not in tokens[:i])
+
+
+def _stopping_jobs(path) -> tuple[list[SampleJob], list[int]]:
+    """Requests that end at different steps, each for a different reason (a stop token, a stop string, EOS,
+    max_tokens), and the EOS id for the sampler; the stop token, string and EOS are taken from an unstopped
+    greedy run so they really fire mid-way."""
     free = run(_sampler(path, False, eos=[]), [SampleJob(prompt=p, max_tokens=24, temperature=0.0)
-                                                for p in PROMPTS[:2]])
-    toks0, toks1 = free[0].sequences[0].tokens, free[1].sequences[0].tokens
-    stop_tok = next(t for i, t in enumerate(toks0) if i >= 4 and t not in toks0[:i])
+                                                for p in PROMPTS[:3]])
+    toks0, toks1, toks2 = (f.sequences[0].tokens for f in free)
+    stop_tok = _first_new(toks0, 4)
+    eos = _first_new(toks2, 6)
     text = _tokenizer(path).decode(toks1[:9], skip_special_tokens=False)
     stop_str = text[-2:] if text[-2:] not in _tokenizer(path).decode(toks1[:7]) else text[-1]
     return [
@@ -51,17 +57,20 @@ def _stopping_jobs(path) -> list[SampleJob]:
                   stop_at_eos=False),
         SampleJob(prompt=PROMPTS[1], max_tokens=17, temperature=0.8, seed=6, stop_at_eos=False),
         SampleJob(prompt=PROMPTS[3], max_tokens=9, temperature=0.0, topk_sample_logprobs=3, stop_at_eos=False),
-    ]
+        SampleJob(prompt=PROMPTS[2], max_tokens=24, temperature=0.0),  # ends at EOS
+    ], [eos]
 
 
 @pytest.mark.parametrize("cuda_graphs", [True, False])
 def test_async_equals_sync_when_sequences_stop_at_different_steps(tiny_llama_dir, cuda_graphs):
-    jobs = _stopping_jobs(tiny_llama_dir)
-    ref = run(_sampler(tiny_llama_dir, False, eos=[], cuda_graphs=cuda_graphs), jobs)
+    jobs, eos = _stopping_jobs(tiny_llama_dir)
+    ref = run(_sampler(tiny_llama_dir, False, eos=eos, cuda_graphs=cuda_graphs), jobs)
     lengths = [len(s.tokens) for r in ref for s in r.sequences]
-    assert [r.sequences[0].stop_reason for r in ref[:3]] == ["stop", "stop", "length"]
+    reasons = [r.sequences[0].stop_reason for r in ref]
+    assert reasons[:3] == ["stop", "stop", "length"]
+    assert reasons[-1] == "stop" and ref[-1].sequences[0].tokens[-1] == eos[0]
     assert len(set(lengths)) >= 5  # the batch really shrinks step by step
-    sampler = _sampler(tiny_llama_dir, True, eos=[], cuda_graphs=cuda_graphs)
+    sampler = _sampler(tiny_llama_dir, True, eos=eos, cuda_graphs=cuda_graphs)
     got = run(sampler, jobs)
     _same(got, ref)
     st = sampler.stats()
@@ -71,13 +80,13 @@ def test_async_equals_sync_when_sequences_stop_at_different_steps(tiny_llama_dir
 
 
 def test_streamed_tokens_are_the_kept_ones(tiny_llama_dir):
-    jobs = _stopping_jobs(tiny_llama_dir)
+    jobs, eos = _stopping_jobs(tiny_llama_dir)
     streams = {}
     for mode in (False, True):
         seen: list[tuple[int, int, int, float]] = []
         for j, job in enumerate(jobs):
             job.on_token = lambda i, t, lp, j=j: seen.append((j, i, t, lp))
-        results = run(_sampler(tiny_llama_dir, mode, eos=[]), jobs)
+        results = run(_sampler(tiny_llama_dir, mode, eos=eos), jobs)
         for j, res in enumerate(results):  # per request and sample: exactly the result's tokens, in order
             for i, seq in enumerate(res.sequences):
                 assert [t for (jj, ii, t, _) in seen if (jj, ii) == (j, i)] == seq.tokens
