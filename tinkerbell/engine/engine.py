@@ -24,7 +24,7 @@ from tinkerbell.engine.lora import LoraSpec
 from tinkerbell.engine.models.config import ModelConfig
 from tinkerbell.engine.models.loader import load_model, load_tokenizer, read_config, resolve_model_path
 from tinkerbell.engine.sampler import Sampler
-from tinkerbell.engine.tp.executor import Mirror, OutOfStep
+from tinkerbell.engine.tp.executor import Mirror, OutOfStep, PlanChannel
 from tinkerbell.engine.tp.group import TPGroup
 from tinkerbell.engine.training import Trainer
 from tinkerbell.engine.types import AdamParams, ForwardBackwardResult, SampleJob, SampleResult, TrainDatum
@@ -81,9 +81,10 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, tp: TPGroup | None = None):
+    def __init__(self, config: EngineConfig, tp: TPGroup | None = None, channel: PlanChannel | None = None):
         """`tp` None with `config.tp` > 1: this is rank 0; it starts the worker processes, which build the
-        same Engine with their `tp` group and serve rank 0's ops (engine/tp/worker.py) instead of a loop."""
+        same Engine with their `tp` group and the reading end of rank 0's `channel`, and serve rank 0's ops
+        (engine/tp/worker.py) instead of running a loop."""
         self.config = config
         self.path: Path = resolve_model_path(config.model, allow_download=config.allow_download)
         self.model_config: ModelConfig = read_config(self.path)
@@ -103,6 +104,7 @@ class Engine:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", 0)
             tp = init_tp(0, config.tp, self.workers.init_method, self.device)
+            channel = self.workers.channel
         elif tp is not None and self.device.type == "cuda":
             self.device = torch.device("cuda", tp.rank)
         self.tp = tp
@@ -136,7 +138,7 @@ class Engine:
         )
         # Every op that touches model tensors goes through the mirror: on rank 0 of a TP group it broadcasts
         # the op to the workers first (engine/tp/executor.py); otherwise it just applies it.
-        self.mirror = Mirror(self.trainer, self.sampler, tp)
+        self.mirror = Mirror(self.trainer, self.sampler, tp, channel)
         if tp is not None:
             self.mirror.sync_memory_plan()
             self._log_memory()

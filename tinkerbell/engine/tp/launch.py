@@ -17,6 +17,8 @@ import threading
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Callable
 
+from tinkerbell.engine.tp.executor import PlanChannel
+
 if TYPE_CHECKING:
     from tinkerbell.engine.engine import EngineConfig
 
@@ -37,15 +39,22 @@ class Workers:
         self.init_method = f"tcp://127.0.0.1:{free_port()}"
         self.on_death = on_death
         self._stopping = threading.Event()
+        self._reap = threading.Lock()  # the monitor and the engine thread may both ask: one waitpid at a time
         ctx = mp.get_context("spawn")
         self.procs: list[mp.process.BaseProcess] = []
+        writers = []
         for rank in range(1, self.world):
+            reader, writer = ctx.Pipe(duplex=False)  # rank 0's plans to this worker (executor.PlanChannel)
             # daemon: multiprocessing's exit handler terminates them if the API process exits without stop().
-            p = ctx.Process(target=worker_main, args=(rank, self.world, self.init_method, config, os.getpid()),
+            p = ctx.Process(target=worker_main,
+                            args=(rank, self.world, self.init_method, config, os.getpid(), reader),
                             name=f"tinkerbell-tp{rank}", daemon=True)
             p.start()
+            reader.close()  # the worker holds the only reader; rank 0 holds the only writer
             log.info("tensor-parallel worker rank %d started (pid %d)", rank, p.pid)
             self.procs.append(p)
+            writers.append(writer)
+        self.channel = PlanChannel(writers=writers)
         self._monitor = threading.Thread(target=self._watch, name="tinkerbell-tp-monitor", daemon=True)
         self._monitor.start()
 
@@ -63,7 +72,8 @@ class Workers:
 
     def _death(self, rank: int) -> str:
         p = self.procs[rank - 1]
-        p.join(timeout=1)  # reap it, so its exit code is known
+        with self._reap:  # (two threads joining at once: the loser's waitpid fails and it sees no exit code)
+            p.join(timeout=1)  # reap it, so its exit code is known
         return (f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}; "
                 "the replica cannot run without it")
 

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,7 +38,8 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     threading.Thread(target=watch, name="tinkerbell-tp-parent", daemon=True).start()
 
 
-def main(rank: int, world: int, init_method: str, config: "EngineConfig", parent_pid: int) -> None:
+def main(rank: int, world: int, init_method: str, config: "EngineConfig", parent_pid: int,
+         plans: Connection) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s %(name)s [tp rank {rank}]: %(message)s", force=True)
     # Ctrl+C (and a supervisor's SIGTERM to the process group) reach the worker too: it stops on rank 0's stop
@@ -48,6 +50,7 @@ def main(rank: int, world: int, init_method: str, config: "EngineConfig", parent
     import torch
 
     from tinkerbell.engine.engine import Engine
+    from tinkerbell.engine.tp.executor import PlanChannel
     from tinkerbell.engine.tp.group import init_tp
 
     device = config.torch_device()
@@ -56,14 +59,14 @@ def main(rank: int, world: int, init_method: str, config: "EngineConfig", parent
         torch.cuda.set_device(device)
     try:
         tp = init_tp(rank, world, init_method, device)
-        engine = Engine(config, tp=tp)
+        engine = Engine(config, tp=tp, channel=PlanChannel(reader=plans))
     except Exception:  # noqa: BLE001 - rank 0's monitor reports the exit; the traceback goes to the log here
         log.exception("rank %d failed to start", rank)
         os._exit(1)
     try:
         engine.mirror.serve()
     except Exception as e:  # noqa: BLE001
-        if os.getppid() != parent_pid:
+        if isinstance(e, EOFError) or os.getppid() != parent_pid:
             log.error("rank 0 is gone (%s); exiting", e)
         else:
             log.exception("rank %d failed; exiting", rank)
