@@ -346,6 +346,9 @@ def bench_ours(name: str, report: dict, quick: bool, with_lora: bool) -> None:
     if with_lora:
         ttft_and_handoff(sampler, res, cfg)
     res["graph_steps"], res["eager_steps"] = sampler.runner.graph_steps, sampler.runner.eager_steps
+    st = sampler.stats()
+    res["async_steps"], res["async_joins"], res["async_side_steps"] = (st["async_steps"], st["async_joins"],
+                                                                        st["async_side_steps"])
     # Where a decode step's time goes: the captured forward alone (GPU) vs the measured step (GPU + host).
     for bucket in (1, 256 if n_req == 256 else 64):
         graph = sampler.runner._graphs.get((bucket, False))

@@ -465,6 +465,11 @@ class Sampler:
             "lora_slots_resident": self.lora.resident(),
             "lora_loads": self.lora.loads,
             "preemptions": sch.num_preemptions,
+            # Asynchronous decode: steps launched before the previous one was read, sequences that joined
+            # a step in flight, synchronous steps run beside one (admissions, prefill chunks).
+            "async_steps": self._async.launched,
+            "async_joins": self._async.joined,
+            "async_side_steps": self._async.side_steps,
             **self._counters,
         }
 
