@@ -88,3 +88,24 @@ def test_a_worker_repeats_rank_0s_slot_loads(tiny_llama_dir: Path):
             torch.testing.assert_close(follower.b[key][slot], leader.b[key][slot], rtol=0, atol=0)
     follower.unregister("c")
     assert follower.weights(0).spec.rank == 4  # still there for rank 0's running requests
+
+
+def test_a_step_plan_survives_the_channel():
+    """What a worker executes is exactly rank 0's plan: packed, pickled through a real pipe, unpacked."""
+    import multiprocessing as mp
+
+    from tinkerbell.engine.batch import SeqSpan
+    from tinkerbell.engine.runner import StepPlan
+    from tinkerbell.engine.tp.executor import PlanChannel, pack_plan, unpack_plan
+
+    plan = StepPlan(ids=[5, 6, 7, 9], slots=[32, 33, 34, 80], token_lora=[-1, -1, -1, 1], gathered=[2, 3],
+                    gathered_lora=[-1, 1], spans=[SeqSpan(start=0, length=3, context_len=3, block_table=[2]),
+                                                  SeqSpan(start=3, length=1, context_len=17, block_table=[4, 5])])
+    reader, writer = mp.Pipe(duplex=False)
+    PlanChannel(writers=[writer]).send(([(1, "k")], ("step", (pack_plan(plan), [(2, 7, 16)]))))
+    loads, (name, (packed, copies)) = PlanChannel(reader=reader).recv()
+    assert (loads, name, copies) == ([(1, "k")], "step", [(2, 7, 16)])
+    assert unpack_plan(packed) == plan
+    writer.close()
+    with pytest.raises(EOFError):  # how a worker learns that rank 0 is gone
+        PlanChannel(reader=reader).recv()
