@@ -3,7 +3,6 @@ the real Engine on the tiny fixture model."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,10 +20,7 @@ KEY_B = "tml-bob-test-key"
 MODEL = "/tmp/fx/fake-model"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port  # noqa: E402,F401 - re-exported: api tests import it from here
 
 
 class LiveServer:

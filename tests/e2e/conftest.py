@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,10 +16,7 @@ KEY_ALICE = "tml-alice-e2e-key"
 KEY_BOB = "tml-bob-e2e-key"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port  # noqa: E402,F401 - re-exported: e2e tests import it from here
 
 
 class ServerProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,31 +15,14 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import KEY_ALICE, KEY_BOB
+from tests.ports import free_port_block
 
 INTERVAL = 0.5  # health-check interval for the test; the kill must show within 2 of them
 
 
 def _free_block(n: int) -> int:
     """A port P with P..P+n-1 all free (the router takes P, replicas the ports above it)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65535:
-            continue
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free block of ports")
+    return free_port_block(n)
 
 
 class Cluster:

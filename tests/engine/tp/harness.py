@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import socket
 import traceback
 from typing import Any, Callable
 
@@ -18,9 +17,9 @@ import torch.multiprocessing as mp
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.ports import free_port
+
+    return free_port()
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, out: Any) -> None:
