@@ -218,7 +218,9 @@ class DiffusionSampler:
         self.batch_size, self.max_wait_time = int(batch_size), float(max_wait_time)
         self.max_batch_tokens, self.default_block_length = int(max_batch_tokens), int(default_block_length)
         self.split_tokens = int(split_tokens)
-        # CUDA graphs of the block steps (diffusion_graphs.py): None reads TINKERBELL_DIFFUSION_CUDA_GRAPHS.
+        model.rope_table(max_context)  # cos/sin of every position a request may reach, built once (before any graph)
+        # CUDA graphs of the block steps (diffusion_graphs.py): None = on for CUDA unless
+        # TINKERBELL_DIFFUSION_CUDA_GRAPHS=0.
         self._graphs = GraphCache(model) if graphs_wanted(self.device, cuda_graphs) else None
         self._waiting: deque[_Row] = deque()
         self._running: list[_Row] = []
@@ -420,11 +422,14 @@ class DiffusionSampler:
         reuse, past = False, None
         if cw:
             sources = [(q.row, q.uncond, tuple(q.ctx), q.row.un_kv if q.uncond else q.row.kv) for q in queries]
-            reuse = len(sources) == len(self._past_sources) and all(
-                new[0] is old[0] and new[1] == old[1] and new[2] == old[2] and new[3] is old[3]
-                for new, old in zip(sources, self._past_sources))
-            past = self._past if reuse else torch.zeros(cfg.num_layers, 2, b, cw, cfg.num_kv_heads, cfg.head_dim,
-                                                        dtype=self.dtype, device=dev)
+            # The buffer has room for the forward's own keys after the cached ones (cw + width): the model writes
+            # them there and attends over the whole buffer, with no per-layer concatenation (models/llada.py).
+            reuse = (self._past is not None and self._past.shape[3] == cw + width
+                     and len(sources) == len(self._past_sources) and all(
+                         new[0] is old[0] and new[1] == old[1] and new[2] == old[2] and new[3] is old[3]
+                         for new, old in zip(sources, self._past_sources)))
+            past = self._past if reuse else torch.zeros(cfg.num_layers, 2, b, cw + width, cfg.num_kv_heads,
+                                                        cfg.head_dim, dtype=self.dtype, device=dev)
             self._past, self._past_sources = past, sources
         rows_index = []
         for i, q in enumerate(queries):
