@@ -1,4 +1,4 @@
-"""The router app against fake replicas (httpx.MockTransport): tagging, stickiness, failover, answers for work
+"""The router app against fake replicas (real HTTP servers on loopback, fake_replicas.py): tagging, stickiness, failover, answers for work
 lost with a replica, and /stats."""
 
 from __future__ import annotations
@@ -12,59 +12,75 @@ import httpx
 from tinkerbell.router import ids
 from tinkerbell.router.app import RouterApp
 
+from tests.router.fake_replicas import Answer, FakeReplicas, json_answer
+
 
 class Fakes:
-    """Two replicas: r0 at :8001, r1 at :8002; `dead` ones refuse connections, as a killed process does."""
+    """The replicas' answers: r0 and r1; `dead` ones are killed (FakeReplicas.kill), as a killed process is."""
 
     def __init__(self) -> None:
-        self.dead: set[int] = set()
         self.seen: list[tuple[int, str, dict[str, Any]]] = []
         self.n = 0
+        self.servers = FakeReplicas(2, self)
+        self._dead: set[int] = set()
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        idx = request.url.port - 8001
-        if idx in self.dead:
-            raise httpx.ConnectError("connection refused", request=request)
-        path = request.url.path
-        body = json.loads(request.content) if request.content and request.content[:1] == b"{" else {}
+    @property
+    def dead(self) -> "_Dead":
+        return _Dead(self)
+
+    def __call__(self, idx: int, method: str, path: str, raw: bytes) -> Answer:
+        body = json.loads(raw) if raw[:1] == b"{" else {}
         self.seen.append((idx, path, body))
         if path == "/stats":
-            return httpx.Response(200, json={"model": "base", "outstanding": 0, "live_runs": [],
-                                             "resident_adapters": []})
+            return json_answer(200, {"model": "base", "outstanding": 0, "live_runs": [], "resident_adapters": []})
         self.n += 1
         if path == "/api/v1/create_session":
-            return httpx.Response(200, json={"session_id": f"S{self.n}"})
+            return json_answer(200, {"session_id": f"S{self.n}"})
         if path == "/api/v1/create_model":
             mid = f"{body['session_id']}:train:{body['model_seq_id']}"
-            return httpx.Response(200, json={"request_id": f"req-{idx}-{self.n}", "model_id": mid})
+            return json_answer(200, {"request_id": f"req-{idx}-{self.n}", "model_id": mid})
         if path == "/console/api/live":
             view = {"sequences": {"running": idx + 1}, "queues": {}, "counters": {"tokens_sampled": 10}}
-            return httpx.Response(200, json={"replicas": [{"name": "local", "view": view}]})
+            return json_answer(200, {"replicas": [{"name": "local", "view": view}]})
         if path == "/add_lora":  # the original client API: the response names the adapter's new run
-            return httpx.Response(200, json={"model_id": f"A{self.n}:train:0", "status": "ok"})
+            return json_answer(200, {"model_id": f"A{self.n}:train:0", "status": "ok"})
         if path in ("/api/v1/optim_step", "/api/v1/asample", "/fwdbwd"):
-            return httpx.Response(200, json={"request_id": f"req-{idx}-{self.n}"})
+            return json_answer(200, {"request_id": f"req-{idx}-{self.n}"})
         if path == "/api/v1/retrieve_future":
-            return httpx.Response(200, json={"metrics": {}, "served_by": idx, "rid": body["request_id"]})
+            return json_answer(200, {"metrics": {}, "served_by": idx, "rid": body["request_id"]})
         if path == "/v1/completions":
-            async def chunks():
-                for i in range(3):
-                    yield f"data: {i}\n\n".encode()
-            return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=chunks())
-        return httpx.Response(404, json={"detail": "no such route"})
+            return 200, [("content-type", "text/event-stream")], [f"data: {i}\n\n".encode() for i in range(3)]
+        return json_answer(404, {"detail": "no such route"})
+
+
+class _Dead:
+    """`fakes.dead.add(i)` kills replica i; `fakes.dead.clear()` starts the dead ones again."""
+
+    def __init__(self, fakes: Fakes):
+        self.f = fakes
+
+    def add(self, idx: int) -> None:
+        self.f._dead.add(idx)
+        self.f.servers.kill(idx)
+
+    async def clear(self) -> None:
+        for idx in sorted(self.f._dead):
+            await self.f.servers.start(idx)
+        self.f._dead.clear()
 
 
 def _run(test) -> None:
     async def main() -> None:
         fakes = Fakes()
-        app = RouterApp(["http://127.0.0.1:8001", "http://127.0.0.1:8002"], health_interval=60,
-                        transport=httpx.MockTransport(fakes))
+        await fakes.servers.start()
+        app = RouterApp(fakes.servers.urls, health_interval=60)
         await app.startup()
         try:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
                 await test(app, fakes, c)
         finally:
             await app.shutdown()
+            fakes.servers.close()
 
     asyncio.run(main())
 
@@ -126,7 +142,7 @@ def test_a_dead_replica_loses_no_retryable_request_and_names_lost_runs():
         fakes.dead.add(1)
         r = await c.post("/api/v1/create_session", json={})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"  # transient: the SDK retries
-        fakes.dead.clear()
+        await fakes.dead.clear()
         await app.health.check_all()
         assert (await c.get("/stats")).json()["healthy_workers"] == 2  # back once healthy
 

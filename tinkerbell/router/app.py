@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import httpx
 
@@ -23,6 +23,7 @@ from tinkerbell.router.health import HealthChecker
 from tinkerbell.router.ops import metrics_text, stats_body
 from tinkerbell.router.pool import Pool, Replica
 from tinkerbell.router.routes import Plan, plan
+from tinkerbell.router.upstream import Response, Upstream, UpstreamError
 
 log = logging.getLogger("tinkerbell.router")
 
@@ -31,9 +32,12 @@ Receive = Callable[[], Awaitable[dict]]
 
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"content-length"})
-# Read timeout per request: long polls are held <= 30 s by replicas; a completion may take minutes.
-TIMEOUT = httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=30.0).as_dict()
-LONG_POLL_TIMEOUT = httpx.Timeout(connect=5.0, read=90.0, write=60.0, pool=30.0).as_dict()
+# Read timeouts (seconds without a byte from the replica): long polls are held <= 30 s by replicas; a completion
+# may take minutes.
+READ_TIMEOUT = 600.0
+LONG_POLL_READ_TIMEOUT = 90.0
+# The occasional fan-out requests (console, batch stats, adapter registration) and health checks use httpx.
+TIMEOUT = httpx.Timeout(connect=5.0, read=READ_TIMEOUT, write=60.0, pool=30.0).as_dict()
 MAX_JSON_PARSE = 16 << 20
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
@@ -47,10 +51,10 @@ def json_response(status: int, body: dict[str, Any], extra: list[tuple[bytes, by
 
 
 class RouterApp:
-    def __init__(self, urls: list[str], health_interval: float = 10.0,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, urls: list[str], health_interval: float = 10.0):
         self.pool = Pool(urls)
-        self.transport = transport  # tests put fake replicas here
+        # The proxy's hot path: one keep-alive connection stack per replica (upstream.py says why not httpx).
+        self.upstreams = [Upstream(r.url) for r in self.pool.replicas]
         self.health_interval = health_interval
         self.started = time.time()
         self.requests = 0
@@ -61,10 +65,9 @@ class RouterApp:
     # ------------------------------------------------------------------------------------------ lifecycle
 
     async def startup(self) -> None:
-        # http1 only, no pool cap: every SDK future holds one long poll, so thousands of idle connections.
-        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024,
-                                                            keepalive_expiry=60.0), trust_env=False,
-                                        transport=self.transport)
+        # Health checks and the rare fan-outs only: a handful of connections, so httpcore's pool costs nothing.
+        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                                                            keepalive_expiry=30.0), trust_env=False)
         self.health = HealthChecker(self.pool, self.client, self.health_interval)
         await self.health.check_all()
         self.health.start()
@@ -77,6 +80,8 @@ class RouterApp:
             await self.health.stop()
         if self.client is not None:
             await self.client.aclose()
+        for u in self.upstreams:
+            u.close()
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -182,7 +187,7 @@ class RouterApp:
     def _request(self, rep: Replica, method: str, target: str, headers: list, body: bytes,
                  long_poll: bool) -> httpx.Request:
         return httpx.Request(method, rep.url + target, headers=headers, content=body,
-                             extensions={"timeout": LONG_POLL_TIMEOUT if long_poll else TIMEOUT})
+                             extensions={"timeout": TIMEOUT})
 
     async def _proxy(self, p: Plan, method: str, target: str, headers: list, body: bytes,
                      js: dict[str, Any] | None, receive: Receive, send: Send) -> None:
@@ -206,35 +211,29 @@ class RouterApp:
                 rep.in_flight += 1
             try:
                 try:
-                    resp = await self.client.send(self._request(rep, method, target, headers, body, p.long_poll),
-                                                  stream=True)
-                except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                    rep.errors += 1
-                    error = f"{type(e).__name__}: {e}"
-                    self.health.mark_down(rep, f"connect failed: {error}")
-                    if p.pinned:
-                        break
-                    continue
-                except httpx.PoolTimeout as e:
-                    error = f"{type(e).__name__}: {e}"
-                    if p.pinned:
-                        break
-                    continue
-                except httpx.TransportError as e:
+                    resp = await self.upstreams[rep.index].request(
+                        method, target, headers, body, LONG_POLL_READ_TIMEOUT if p.long_poll else READ_TIMEOUT)
+                except UpstreamError as e:
+                    error = str(e)
+                    if not e.reached:  # refused or no answer to connect: the request never left the router
+                        rep.errors += 1
+                        self.health.mark_down(rep, error)
+                        if p.pinned:
+                            break
+                        continue
                     rep.errors += 1
                     reached = rep
-                    error = f"{type(e).__name__}: {e}"
-                    if not isinstance(e, httpx.TimeoutException):
+                    if not e.timeout:
                         self.health.mark_down(rep, f"connection lost: {error}")
                     if p.pinned or not p.retry_ambiguous:
                         break
                     continue
                 rep.requests_served += 1
-                if resp.status_code >= 500:
+                if resp.status >= 500:
                     rep.errors += 1
                 more = attempt + 1 < len(p.candidates)
-                if resp.status_code in RETRY_STATUSES and more and not p.pinned and p.retry_ambiguous:
-                    error = f"HTTP {resp.status_code}"
+                if resp.status in RETRY_STATUSES and more and not p.pinned and p.retry_ambiguous:
+                    error = f"HTTP {resp.status}"
                     await resp.aclose()
                     continue
                 await self._relay(p, rep, resp, js, receive, send)
@@ -244,40 +243,46 @@ class RouterApp:
                     rep.in_flight -= 1
         await _answer(send, *self._failure(p, reached or last, error, reached is not None))
 
-    async def _relay(self, p: Plan, rep: Replica, resp: httpx.Response, js: dict[str, Any] | None,
+    async def _relay(self, p: Plan, rep: Replica, resp: Response, js: dict[str, Any] | None,
                      receive: Receive, send: Send) -> None:
-        if p.long_poll and resp.status_code in (200, 410) and js is not None:
+        if p.long_poll and resp.status in (200, 410) and js is not None:
             rep.pending.pop(str(js.get("request_id")), None)
-        rewrite = (p.tag_kind is not None or p.learn is not None) and resp.status_code < 300
-        ctype = resp.headers.get("content-type", "")
+        rewrite = (p.tag_kind is not None or p.learn is not None) and resp.status < 300
+        ctype = resp.header(b"content-type") or ""
         if rewrite and ctype.startswith("application/json"):
             try:
                 data = await resp.aread()
+            except UpstreamError as e:
+                # Nothing reached the client yet, but the request reached the replica: like a cut connection.
+                log.warning("%s: replica %d broke off a response: %s", p.name, rep.index, e)
+                rep.errors += 1
+                await _answer(send, *self._failure(p, rep, str(e), True))
+                return
             finally:
                 await resp.aclose()
             data = self._learn(p, rep, data)
-            hdrs = [(k, v) for k, v in resp.headers.raw if k.lower() not in HOP_BY_HOP
-                    and k.lower() != b"content-encoding"]
-            await _answer(send, resp.status_code, hdrs + [(b"content-length", str(len(data)).encode())], data)
+            hdrs = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP and k != b"content-encoding"]
+            await _answer(send, resp.status, hdrs + [(b"content-length", str(len(data)).encode())], data)
             return
         if p.sampler_id and p.candidates and rep is not p.candidates[0]:
             self.pool.samplers.put(p.sampler_id, rep.index)
-        hdrs = [(k, v) for k, v in resp.headers.raw if k.lower() not in HOP_BY_HOP]
-        if "content-length" in resp.headers:
-            hdrs.append((b"content-length", resp.headers["content-length"].encode()))
-        if p.adapter is not None and resp.status_code < 400:
+        hdrs = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
+        length = resp.header(b"content-length")
+        if length is not None:
+            hdrs.append((b"content-length", length.encode()))
+        if p.adapter is not None and resp.status < 400:
             self.pool.adapter_hint.put(p.adapter, rep.index)
-        await send({"type": "http.response.start", "status": resp.status_code, "headers": hdrs})
+        await send({"type": "http.response.start", "status": resp.status, "headers": hdrs})
         gone = asyncio.Event()
         watcher = (asyncio.get_running_loop().create_task(_watch_disconnect(receive, gone))
                    if ctype.startswith("text/event-stream") else None)
         try:
-            async for chunk in _raw_chunks(resp):
+            async for chunk in resp.chunks():
                 if gone.is_set():
-                    break  # the client left: closing the upstream stream stops the replica's generation
+                    break  # the client left: closing the upstream connection stops the replica's generation
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (httpx.TransportError, OSError) as e:
+        except (UpstreamError, OSError) as e:
             # Bytes already reached the client: nothing to retry; ending the response cuts the connection.
             log.warning("%s: replica %d broke off a response midway: %s", p.name, rep.index, e)
             rep.errors += 1
@@ -369,14 +374,6 @@ def _lost_run(model_id: str | None, where: str, error: str) -> str:
     return (f"{run} lived on {where}, which stopped answering ({error}); the run's in-memory state (weights since "
             f"its last save_state, optimizer moments) is gone. Resume from its last save_state checkpoint with "
             f"{resume}: the new run is placed on a healthy replica (RestClient.list_checkpoints lists the saves)")
-
-
-async def _raw_chunks(resp: httpx.Response) -> AsyncIterator[bytes]:
-    if resp.is_stream_consumed:  # a transport that reads bodies itself (httpx.MockTransport in tests)
-        yield resp.content
-        return
-    async for chunk in resp.aiter_raw():
-        yield chunk
 
 
 async def _read_body(receive: Receive) -> bytes:
