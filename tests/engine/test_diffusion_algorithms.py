@@ -1,5 +1,7 @@
 """Diffusion generation against plain re-implementations of the published algorithms (LLaDA's generate.py and
-Fast-dLLM's prefix/dual-cache loops), written here from the papers' pseudo-code, one request at a time."""
+Fast-dLLM's prefix/dual-cache loops), written here from the papers' pseudo-code, one request at a time, on the
+model's plain forward (the modules as written): the sampler runs the fused forward, so these also hold it to
+the plain one."""
 
 from concurrent.futures import Future
 
@@ -33,7 +35,7 @@ def run(sampler, *jobs):
 
 def _full(model, x):
     n = x.shape[1]
-    logits, _ = model(x, torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool))
+    logits, _ = model(x, torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool), plain=True)
     return logits
 
 
@@ -90,7 +92,8 @@ def reference_cached(model, prompt, steps, gen_length, block_length, dual):
     for b in range(gen_length // block_length):
         s, e = p + b * block_length, p + (b + 1) * block_length
         schedule = transfer_schedule(block_length, spb)
-        logits, kv = model(x[None], torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool), want_kv=True)
+        logits, kv = model(x[None], torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool), want_kv=True,
+                           plain=True)
         commit(logits[s:e], x[s:e], schedule[0])
         for i in range(1, spb):
             if dual:
@@ -100,7 +103,7 @@ def reference_cached(model, prompt, steps, gen_length, block_length, dual):
                 past, q = kv[:, :, :, :s], x[s:]
             keys = past.shape[3] + len(q)
             logits, _ = model(q[None], torch.arange(s, s + len(q))[None], torch.ones(1, keys, dtype=torch.bool),
-                              past=past)
+                              past=past, plain=True)
             commit(logits[:block_length], x[s:e], schedule[i])
     return x[p:].tolist()
 

@@ -60,3 +60,16 @@ def test_block_steps_of_a_steady_batch_replay(model):
     # 4 blocks of 4 steps: each block's first step rebuilds the cache (eager), the very first cached step
     # meets a new shape (eager, then captured): the other 11 replay.
     assert sampler.stats()["steps"] == 16 and sampler.stats()["cuda_graph_replays"] == 11
+
+
+@pytest.mark.parametrize("env,expected", [(None, True), ("1", True), ("0", False), ("off", False)])
+def test_graphs_are_on_by_default_on_cuda_and_the_environment_turns_them_off(monkeypatch, env, expected):
+    from tinkerbell.engine.diffusion_graphs import ENV, wanted
+
+    if env is None:
+        monkeypatch.delenv(ENV, raising=False)
+    else:
+        monkeypatch.setenv(ENV, env)
+    assert wanted(torch.device("cuda"), None) is expected
+    assert wanted(torch.device("cpu"), None) is False  # nothing to capture on the CPU
+    assert wanted(torch.device("cuda"), False) is False and wanted(torch.device("cpu"), True) is True

@@ -116,3 +116,59 @@ def test_cached_keys_and_fused_projections_give_full_forward_logits(tiny_llada_d
     assert isinstance(model, LLaDAModel)
     assert set(dict(model.named_parameters())) >= {"model.transformer.blocks.0.q_proj.weight",
                                                    "model.transformer.ff_out.weight"}
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _padded_batch(model, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 12), generator=g)
+    pos = torch.arange(12).expand(3, 12) + torch.tensor([[0], [5], [2]])  # rows start at their own positions
+    key_mask = torch.ones(3, 12, dtype=torch.bool)
+    key_mask[1, 9:] = False  # row 1 is padded
+    return ids, pos, key_mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_fast_forward_equals_plain_forward(tiny_llada_dir, device, fused):
+    """The sampler's path (fused add+RMSNorm, RoPE from the cos/sin table written into the key/value buffer,
+    silu·mul, one SDPA over the buffer) computes what the modules as written compute: on the CPU its kernels'
+    torch forms, to the bit; on a GPU the Triton kernels, to float32 rounding."""
+    model = load_model(tiny_llada_dir, torch.float32, device)
+    if fused:
+        model.fuse_projections()
+    ids, pos, key_mask = (t.to(device) for t in _padded_batch(model, torch.Generator().manual_seed(3)))
+    rows = torch.tensor([0, 4, 13, 20, 35], device=device)
+    tol = 0.0 if device == "cpu" else 1e-4
+    with torch.no_grad():
+        fast, fast_kv = model(ids, pos, key_mask, logits_rows=rows, want_kv=True)
+        plain, plain_kv = model(ids, pos, key_mask, logits_rows=rows, want_kv=True, plain=True)
+    valid = torch.tensor([True, True, False, True, True], device=device)  # row 20 = padded row 1's position 8
+    torch.testing.assert_close(fast[valid], plain[valid], rtol=0, atol=tol)
+    torch.testing.assert_close(fast_kv, plain_kv, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cached_context_with_room_equals_without(tiny_llada_dir, device):
+    """`past` may carry room for the new keys (the sampler's buffer: they are written in place, no concatenation)
+    or hold only the cached ones (copied into such a buffer): same logits as the plain path's concatenation, and
+    the new keys returned are a view of the room."""
+    model = load_model(tiny_llada_dir, torch.float32, device)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=g).to(device)
+    pos = torch.arange(12, device=device).expand(2, 12)
+    ones = torch.ones(2, 12, dtype=torch.bool, device=device)
+    tol = 0.0 if device == "cpu" else 1e-4
+    with torch.no_grad():
+        _, kv = model(ids, pos, ones, want_kv=True, plain=True)
+        past = kv[:, :, :, :8].clone()
+        room = torch.zeros(*past.shape[:3], 12, *past.shape[4:], device=device)
+        room[:, :, :, :8] = past
+        plain, _ = model(ids[:, 8:], pos[:, 8:], ones, past=past, plain=True)
+        tight, _ = model(ids[:, 8:], pos[:, 8:], ones, past=past)
+        roomy, new_kv = model(ids[:, 8:], pos[:, 8:], ones, past=room, want_kv=True)
+    torch.testing.assert_close(tight, plain, rtol=0, atol=tol)
+    torch.testing.assert_close(roomy, plain, rtol=0, atol=tol)
+    assert new_kv.data_ptr() == room[:, :, :, 8:].data_ptr()  # the new keys were written into the room
+    torch.testing.assert_close(room[:, :, :, :8], past, rtol=0, atol=0)  # the cached keys are left alone
