@@ -42,8 +42,10 @@ def build(shape: dict, device: str, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def reference_generate(model, prompts: torch.Tensor, steps: int, gen: int, block: int) -> torch.Tensor:
-    """LLaDA's generate.py at temperature 0, low-confidence remasking, a batch of equal-length prompts."""
+def reference_generate(model, prompts: torch.Tensor, steps: int, gen: int, block: int,
+                       plain: bool = True) -> torch.Tensor:
+    """LLaDA's generate.py at temperature 0, low-confidence remasking, a batch of equal-length prompts; on the
+    model's plain forward (the modules as written) unless `plain` is False (then the sampler's fused forward)."""
     mask_id = model.cfg.mask_token_id
     b, p = prompts.shape
     x = torch.full((b, p + gen), mask_id, dtype=torch.long, device=prompts.device)
@@ -56,7 +58,7 @@ def reference_generate(model, prompts: torch.Tensor, steps: int, gen: int, block
         schedule = transfer_schedule(block, spb)
         for i in range(spb):
             mask_index = x == mask_id
-            logits = model(x, pos, key_mask)[0].view(b, n, -1)
+            logits = model(x, pos, key_mask, plain=plain)[0].view(b, n, -1)
             x0 = logits.argmax(-1)
             x0_p = torch.softmax(logits, -1).gather(-1, x0[..., None]).squeeze(-1)
             x0_p[:, p + (k + 1) * block:] = -float("inf")

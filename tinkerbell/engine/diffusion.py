@@ -414,8 +414,10 @@ class DiffusionSampler:
         ctx_lens = [sum(hi - lo for lo, hi in q.ctx) for q in queries]
         cw = max(ctx_lens)
         ids = torch.full((b, width), self.mask_id, dtype=torch.long, device=dev)
-        pos = torch.zeros((b, width), dtype=torch.long, device=dev)
-        key_mask = torch.zeros((b, cw + width), dtype=torch.bool, device=dev)
+        # Positions, key mask and logits rows are known on the host: built there and sent in one copy each,
+        # instead of a few small kernels per row.
+        pos = torch.zeros((b, width), dtype=torch.long)
+        key_mask = torch.zeros((b, cw + width), dtype=torch.bool)
         # The batch's cached keys/values change only when a row refreshes its cache or the batch changes: within
         # a block, steps reuse the assembled tensor instead of rebuilding it (a copy of every row's cache per step).
         # (A forward without cached context, e.g. the other half of a split step, leaves the memo alone.)
@@ -435,7 +437,7 @@ class DiffusionSampler:
         for i, q in enumerate(queries):
             n = len(q.ids)
             ids[i, :n] = q.ids
-            pos[i, :n] = torch.arange(q.start, q.start + n, device=dev)
+            pos[i, :n] = torch.arange(q.start, q.start + n)
             key_mask[i, cw:cw + n] = True
             key_mask[i, :ctx_lens[i]] = True
             if q.ctx and not reuse:
@@ -448,8 +450,8 @@ class DiffusionSampler:
             s, e = q.row.bounds()
             rows_index += range(i * width + q.block_offset, i * width + q.block_offset + e - s)
         want_kv = any(q.refresh for q in queries)
-        # non_blocking: a plain host-to-device copy would wait for the GPU to finish the previous step first.
-        index = torch.tensor(rows_index, dtype=torch.long).to(dev, non_blocking=True)
+        index = torch.tensor(rows_index, dtype=torch.long)
+        pos, key_mask, index = (_to_device(t, dev) for t in (pos, key_mask, index))
         replayed = None
         if self._graphs is not None and not want_kv:
             replayed = self._graphs.forward(ids, pos, key_mask, past, index)
@@ -586,6 +588,14 @@ class DiffusionSampler:
             "cuda_graph_replays": self._graphs.replays if self._graphs is not None else 0,
             **c,
         }
+
+
+def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host tensor on `dev` without stalling the host: a copy from pageable memory may wait for the GPU's
+    queue to drain (the previous step), one from pinned memory with non_blocking does not."""
+    if dev.type != "cuda":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
 
 
 def _row_cost(row: _Row) -> int:
