@@ -1,13 +1,16 @@
 """LLaDA: the checkpoint format loads, and our forward equals a float32 reference assembled from HF transformers'
 Llama modules (weights renamed, non-causal mask), with padding and cached keys never changing a row's logits."""
 
+import importlib.util
 import json
+import os
 
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from tinkerbell.engine import kernels
 from tinkerbell.engine.models.config import ModelConfig, UnsupportedModelError
 from tinkerbell.engine.models.llada import LLaDAModel
 from tinkerbell.engine.models.loader import load_model, read_config
@@ -118,7 +121,19 @@ def test_cached_keys_and_fused_projections_give_full_forward_logits(tiny_llada_d
                                                    "model.transformer.ff_out.weight"}
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# "cpu": the kernels' torch forms; "cpu-triton": the Triton kernels in Triton's CPU interpreter (where Triton is
+# installed: tests/engine/conftest.py chooses the interpreter); "cuda": the Triton kernels on the GPU.
+DEVICES = ["cpu", "cpu-triton"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def kernel_device(request, monkeypatch) -> str:
+    if request.param == "cpu-triton":
+        if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("triton is not installed (or was imported before TRITON_INTERPRET was set)")
+        monkeypatch.setattr(kernels, "RUN_KERNELS_ON_CPU", True)
+        return "cpu"
+    return request.param
 
 
 def _padded_batch(model, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,18 +144,19 @@ def _padded_batch(model, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor
     return ids, pos, key_mask
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel_device", DEVICES, indirect=True)
 @pytest.mark.parametrize("fused", [False, True])
-def test_fast_forward_equals_plain_forward(tiny_llada_dir, device, fused):
+def test_fast_forward_equals_plain_forward(tiny_llada_dir, kernel_device, fused):
     """The sampler's path (fused add+RMSNorm, RoPE from the cos/sin table written into the key/value buffer,
-    silu·mul, one SDPA over the buffer) computes what the modules as written compute: on the CPU its kernels'
-    torch forms, to the bit; on a GPU the Triton kernels, to float32 rounding."""
+    silu·mul, one SDPA over the buffer) computes what the modules as written compute: with its kernels' torch
+    forms, to the bit; with the Triton kernels, to float32 rounding."""
+    device = kernel_device
     model = load_model(tiny_llada_dir, torch.float32, device)
     if fused:
         model.fuse_projections()
     ids, pos, key_mask = (t.to(device) for t in _padded_batch(model, torch.Generator().manual_seed(3)))
     rows = torch.tensor([0, 4, 13, 20, 35], device=device)
-    tol = 0.0 if device == "cpu" else 1e-4
+    tol = 0.0 if device == "cpu" and not kernels.RUN_KERNELS_ON_CPU else 1e-4
     with torch.no_grad():
         fast, fast_kv = model(ids, pos, key_mask, logits_rows=rows, want_kv=True)
         plain, plain_kv = model(ids, pos, key_mask, logits_rows=rows, want_kv=True, plain=True)
@@ -149,17 +165,18 @@ def test_fast_forward_equals_plain_forward(tiny_llada_dir, device, fused):
     torch.testing.assert_close(fast_kv, plain_kv, rtol=0, atol=tol)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_cached_context_with_room_equals_without(tiny_llada_dir, device):
+@pytest.mark.parametrize("kernel_device", DEVICES, indirect=True)
+def test_cached_context_with_room_equals_without(tiny_llada_dir, kernel_device):
     """`past` may carry room for the new keys (the sampler's buffer: they are written in place, no concatenation)
     or hold only the cached ones (copied into such a buffer): same logits as the plain path's concatenation, and
     the new keys returned are a view of the room."""
+    device = kernel_device
     model = load_model(tiny_llada_dir, torch.float32, device)
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, model.cfg.vocab_size, (2, 12), generator=g).to(device)
     pos = torch.arange(12, device=device).expand(2, 12)
     ones = torch.ones(2, 12, dtype=torch.bool, device=device)
-    tol = 0.0 if device == "cpu" else 1e-4
+    tol = 0.0 if device == "cpu" and not kernels.RUN_KERNELS_ON_CPU else 1e-4
     with torch.no_grad():
         _, kv = model(ids, pos, ones, want_kv=True, plain=True)
         past = kv[:, :, :, :8].clone()

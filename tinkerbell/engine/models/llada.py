@@ -109,6 +109,7 @@ class LLaDAModel(nn.Module):
             t.ff_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin [positions, hd] in the model dtype
+        self._rope_len = 0  # the longest table asked for (kept across a rebuild for another dtype or device)
 
     @property
     def transformer(self) -> nn.Module:
@@ -133,7 +134,7 @@ class LLaDAModel(nn.Module):
         """The cos/sin of positions 0..length-1 (default: the config's context), built once: the same float32
         products as `rope`, so a lookup equals computing them. Grows when asked for more (the sampler asks for
         its max_context up front: a lookup past the end on the GPU would be a device-side assert)."""
-        length = max(length or 0, self.cfg.max_position_embeddings)
+        self._rope_len = length = max(length or 0, self._rope_len, self.cfg.max_position_embeddings)
         dtype = self.transformer.wte.weight.dtype
         if self._rope is None or self._rope[0].shape[0] < length or self._rope[0].dtype != dtype \
                 or self._rope[0].device != self.inv_freq.device:
