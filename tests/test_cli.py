@@ -223,3 +223,11 @@ def test_port_in_use_names_the_holder(tmp_path):
             assert r.returncode == 2, r.stderr
             assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
             assert f"port {port}" in r.stderr and f"pid {os.getpid()}" in r.stderr and "--port" in r.stderr
+
+
+def test_bad_gil_switch_interval_is_one_clear_line_before_loading_the_model():
+    from tests.ports import free_port
+
+    r = _run("tinkerbell", "serve", "--port", str(free_port()), env={"TINKERBELL_GIL_SWITCH_INTERVAL": "soon"})
+    assert r.returncode == 2 and "TINKERBELL_GIL_SWITCH_INTERVAL" in r.stderr
+    assert "Traceback" not in r.stderr and "loaded" not in r.stderr

@@ -188,7 +188,10 @@ def _serve(args: argparse.Namespace) -> int:
     app = _lazy_import("tinkerbell.api.app")  # FastAPI, torch and the engine: only once the config is good
     if app is None:
         return _fail("serve", "the API server (tinkerbell.api.app) is not part of this build", code=1)
-    app.serve(config)
+    try:
+        app.serve(config)
+    except ConfigError as e:
+        return _fail("serve", str(e))
     return 0
 
 
