@@ -101,14 +101,16 @@ def select_transfer(conf: torch.Tensor, masked: int, k: int | None, threshold: f
     if masked == 0:
         return out
     if factor is not None:
-        # Fast-dLLM's dynamic rule, including its edge case: stopping at the last candidate commits all.
-        ranked = conf.sort(descending=True).values[:masked]
-        n = torch.arange(1, masked + 1, device=conf.device, dtype=ranked.dtype)
-        bounds = 1 - factor / (n + 1)
+        # Fast-dLLM's dynamic rule, including its edge case: stopping at the last candidate commits all. Worked
+        # out on the device (no host sync): the first failing rank (else the last), then that many by rank.
+        ranked, order = conf.sort(descending=True)
+        ranked, order = ranked[:masked], order[:masked]
+        rank = torch.arange(masked, device=conf.device)
+        bounds = 1 - factor / (rank.to(ranked.dtype) + 2)
         bounds[0] = -1.0
-        fails = (ranked < bounds).nonzero()
-        first = int(fails[0]) if len(fails) else masked - 1
-        k = first + 1 if first in (0, masked - 1) else first
+        first = torch.where(ranked < bounds, rank, masked - 1).min()
+        count = torch.where((first == 0) | (first == masked - 1), first + 1, first)
+        return out.scatter_(0, order, rank < count)
     elif threshold is not None:
         out = conf >= threshold
         out[conf.argmax()] = True
@@ -347,6 +349,7 @@ class DiffusionSampler:
             return
         rows = list(self._running)
         queries = [q for r in rows for q in self._queries(r)]
+        pending: list[tuple[_Row, torch.Tensor]] = []
         with torch.inference_mode():
             per_query = iter(self._logits(queries))  # in query order: each row's, then its CFG companion's
             for row in rows:
@@ -354,7 +357,10 @@ class DiffusionSampler:
                 if row.params.cfg_scale > 0:
                     un = next(per_query)
                     cond = un + (row.params.cfg_scale + 1) * (cond - un)
-                self._denoise(row, cond)
+                count = self._denoise(row, cond)
+                if count is not None:
+                    pending.append((row, count))
+            self._commit_counts(pending)
         self._counters["steps"] += 1
         self._hist[len(rows)] += 1
         self._running = [r for r in self._running if not r.done]
@@ -476,7 +482,10 @@ class DiffusionSampler:
                     q.row.kv = cache
         return logits
 
-    def _denoise(self, row: _Row, logits: torch.Tensor) -> None:
+    def _denoise(self, row: _Row, logits: torch.Tensor) -> torch.Tensor | None:
+        """Commit this step's tokens of the row's block. Under a fixed schedule the count committed is known
+        on the host; under threshold/factor it is returned as a device scalar for `_commit_counts`, which reads
+        all rows' counts in one sync after the step (not one sync per row)."""
         p = row.params
         s, e = row.bounds()
         block = row.x[s:e]
@@ -493,15 +502,31 @@ class DiffusionSampler:
         block.copy_(torch.where(transfer, x0, block))  # not block[transfer] = ...: a boolean index syncs the GPU
         g0 = s - row.prompt_len
         row.logprobs[g0:g0 + (e - s)] = torch.where(transfer, logp, row.logprobs[g0:g0 + (e - s)])
-        row.masked -= k if p.threshold is None and p.factor is None else int(transfer.sum())
         row.step += 1
+        if p.threshold is not None or p.factor is not None:
+            return transfer.sum()
+        row.masked -= k
         if row.masked <= 0:
             self._finish_block(row)
+        return None
+
+    def _commit_counts(self, pending: list[tuple[_Row, torch.Tensor]]) -> None:
+        if not pending:
+            return
+        counts = torch.stack([c for _, c in pending]).tolist()
+        for (row, _), n in zip(pending, counts):
+            row.masked -= int(n)
+            if row.masked <= 0:
+                self._finish_block(row)
 
     def _finish_block(self, row: _Row) -> None:
         p, group = row.params, row.group
         s, e = row.bounds()
-        tokens = row.x[s:e].tolist()
+        job = group.job
+        # Reading the block's tokens waits for the GPU: only when a stop or a stream needs them now (the
+        # finished request reads every token once, at the end).
+        needed = bool(group.stop_ids or job.stop_strings or job.on_block is not None)
+        tokens = row.x[s:e].tolist() if needed else [0] * (e - s)  # else placeholders: only their count is used
         g0 = s - row.prompt_len
         row.length = g0 + len(tokens)
         stop_at = next((i for i, t in enumerate(tokens) if t in group.stop_ids), None)
