@@ -416,16 +416,17 @@ def main() -> int:
           + " ≥ 1.9x on 2 GPUs |")
     print()
     print(f"- correctness, exact (float32, {'tiny' if args.small else 'LLaDA-8B'} widths, 2 layers, {dev}): "
-          f"ours basic == reference loop tokens (same fused forward): {'yes' if exact else 'NO'}; == reference loop "
-          f"on the plain forward: {'yes' if exact_plain else 'no'}; max |fused - plain| logit {fused_diff:.1e}")
+          f"ours basic == reference tokens: {'yes' if exact else 'NO'} (the reference loop on the same fused "
+          f"forward); == the reference loop on the plain forward: {'yes' if exact_plain else 'no'}; "
+          f"max |fused - plain| logit {fused_diff:.1e}")
     if inproc is not None:
         s, t, tot = inproc
-        print(f"- {dtype} same model, in process, basic vs reference (plain forward), {n} prompts: {s}/{n} "
-              f"sequences, {t}/{tot} tokens identical")
+        print(f"- {dtype} same model, in process, basic vs reference, {n} prompts: {s}/{n} sequences, {t}/{tot} "
+              "tokens identical (the reference loop runs the plain forward)")
     if served_match is not None:
         s, t, tot = served_match
-        print(f"- {dtype} through HTTP (dp 1), basic vs reference (plain forward): {s}/{n} sequences, {t}/{tot} "
-              "tokens identical")
+        print(f"- {dtype} through HTTP (dp 1), basic vs reference: {s}/{n} sequences, {t}/{tot} tokens identical "
+              "(the reference loop runs the plain forward)")
     basic_rps = f"basic {n / t_basic:.2f} req/s, " if t_basic else ""
     print(f"- in process (no HTTP), {n} requests at once, steps {args.gen}: {basic_rps}"
           f"dual_cache {n / step['ours_run_s']:.2f} req/s")
