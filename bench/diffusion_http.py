@@ -411,9 +411,10 @@ def main() -> int:
           f"plain torch forward: {pct(step['plain_tflops'])} ({step['plain_ms']:.1f} ms) | {' | '.join(dual)} "
           f"| ≥ 65% |")
     ratio = dp_rps[2] / dp_rps[1] if dp_rps.get(1) and dp_rps.get(2) else float("nan")
-    print("" if args.quick else f"| (e) dp 2 vs dp 1, {n} concurrent, steps {args.gen // 4}, dual_cache ({dp2_where}): requests/s | "
-          f"dp 1: {dp_rps.get(1, 0):.2f} | dp 2: {dp_rps.get(2, 0):.2f} = {ratio:.2f}x |" + " |" * (len(algos) - 1)
-          + " ≥ 1.9x on 2 GPUs |")
+    if not args.quick:  # --quick runs no dp 2 server
+        print(f"| (e) dp 2 vs dp 1, {n} concurrent, steps {args.gen // 4}, dual_cache ({dp2_where}): requests/s | "
+              f"dp 1: {dp_rps.get(1, 0):.2f} | dp 2: {dp_rps.get(2, 0):.2f} = {ratio:.2f}x |"
+              + " |" * (len(algos) - 1) + " ≥ 1.9x on 2 GPUs |")
     print()
     print(f"- correctness, exact (float32, {'tiny' if args.small else 'LLaDA-8B'} widths, 2 layers, {dev}): "
           f"ours basic == reference tokens: {'yes' if exact else 'NO'} (the reference loop on the same fused "
@@ -432,7 +433,8 @@ def main() -> int:
           f"dual_cache {n / step['ours_run_s']:.2f} req/s")
     if graphs is not None:
         print(f"- CUDA graphs off -> on (TINKERBELL_DIFFUSION_CUDA_GRAPHS, default on; this table's servers: "
-              f"{os.environ.get('TINKERBELL_DIFFUSION_CUDA_GRAPHS', 'unset = on')}), in process, dual_cache: block step at "
+              f"{os.environ.get('TINKERBELL_DIFFUSION_CUDA_GRAPHS', 'unset = on')}), in process, dual_cache: "
+              f"block step at "
               f"batch {n} {graphs['step_ms_False']:.1f} -> {graphs['step_ms_True']:.1f} ms "
               f"({graphs['tflops']:.0f} TFLOP/s = {100 * graphs['tflops'] / PEAK_TFLOPS:.0f}%); 1 request "
               f"{graphs['one_tok_s_False']:.0f} -> {graphs['one_tok_s_True']:.0f} tok/s; "

@@ -2,8 +2,9 @@
 
 A LLaDA forward is ~300 kernels (~9 a layer after models/llada.py's fusions; it was ~1,750 ops before them);
 launched one by one from Python they still take longer than the GPU needs for a 32-token block step at batch 1,
-so the step would be bound by the CPU. Within a block every step of a batch has the same shapes (the same rows, the same cached
-context), so one graph captured on the second sight of a shape replays the remaining steps in one launch.
+so the step would be bound by the CPU. Within a block every step of a batch has the same shapes (the same rows,
+the same cached context), so one graph captured on the second sight of a shape replays the remaining steps in
+one launch.
 
 Only forwards that return no keys/values are graphed (cache-building steps run eagerly: they are 1 in
 steps-per-block). A graph owns static copies of its inputs; `run` copies the step's inputs in (the cached
