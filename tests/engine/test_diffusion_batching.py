@@ -42,6 +42,8 @@ JOBS = [
     SampleJob(prompt=[7, 8], max_tokens=10, temperature=0.0, block_length=5, threshold=0.05),
     SampleJob(prompt=[60, 61, 62, 63], max_tokens=9, temperature=0.8, seed=123, steps=9, block_length=3,
               num_samples=2, remasking="random"),
+    # threshold and factor rows commit a count known only on the device: read for all rows in one sync a step
+    SampleJob(prompt=[70, 71, 72], max_tokens=8, temperature=0.0, block_length=4, factor=1.0),
 ]
 
 
@@ -58,7 +60,7 @@ def test_heterogeneous_batch_equals_each_request_alone(model):
     assert [[q.tokens for q in f.result().sequences] for f in futs] == alone
     stats = batched.stats()
     assert stats["batches_run"] > 0 and stats["mean_batch_size"] > 2 and stats["pending_requests"] == 0
-    assert max(int(k) for k in stats["batch_size_histogram"]) == 6  # 4 requests + 2 samples of the 5th
+    assert max(int(k) for k in stats["batch_size_histogram"]) == 7  # 5 one-row requests + the 2 samples of the 5th job
     # Seeded sampling: same seed, same tokens; the two samples of one request differ.
     assert alone[4][0] != alone[4][1]
 
