@@ -5,7 +5,14 @@ and --replica point at a running cluster.
 
     python bench/router_overhead.py [--n 500] [--router URL --replica URL] [--api-key KEY]
 
-Prints p50/p90 per request kind, direct vs routed, and the added p50 (docs/router.md records a run)."""
+Prints p50/p90 per request kind, direct vs routed, and the added p50 (docs/router.md records a run).
+
+    python bench/router_overhead.py --concurrency 256 [--duration 10] [--step-ms 10] [--batch 128]
+
+Throughput under load instead: fast fake replicas (asyncio servers whose fake engine emits one SSE event per
+step per request) and `tinkerbell router` over one and over two of them; `--concurrency` keep-alive clients send
+128-token completions, streamed and not, straight to a replica and through each router. Prints req/s and SSE
+events/s per path and the ratio to direct; exits 1 if any answer was malformed."""
 
 from __future__ import annotations
 
