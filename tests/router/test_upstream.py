@@ -134,3 +134,18 @@ def test_hundreds_of_concurrent_requests_through_the_router_reuse_connections():
             await app.shutdown()
 
     run(test)
+
+
+def test_a_silent_replica_times_out_per_read_and_its_connection_is_dropped():
+    async def test(reps: FakeReplicas) -> None:
+        reps.gap = 0.4  # longer than the read timeout below
+        up = Upstream(reps.urls[0])
+        r = await up.request("GET", "/sse", [], b"", 0.2)
+        with pytest.raises(UpstreamError) as slow:
+            await r.aread()
+        assert slow.value.timeout and slow.value.reached
+        await r.aclose()
+        assert not up._idle
+        up.close()
+
+    run(test)

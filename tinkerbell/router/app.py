@@ -162,7 +162,7 @@ class RouterApp:
             if not rep.healthy:
                 return replica_row(rep.url, False, None, "replica is unhealthy")
             try:
-                r = await self.client.send(self._request(rep, "GET", "/console/api/live", fwd, b"", False))
+                r = await self.client.send(self._request(rep, "GET", "/console/api/live", fwd, b""))
             except httpx.HTTPError as e:
                 return replica_row(rep.url, False, None, f"{type(e).__name__}: {e}")
             if r.status_code != 200:
@@ -180,12 +180,11 @@ class RouterApp:
         fwd = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
         client = self.client
         rows = await batch_stats.gather(self.pool.replicas, lambda rep: client.send(
-            self._request(rep, "GET", "/batch/stats", fwd, b"", False)))
+            self._request(rep, "GET", "/batch/stats", fwd, b"")))
         body = batch_stats.merge(rows)
         await _answer(send, *json_response(200 if body["replicas_answering"] else 503, body))
 
-    def _request(self, rep: Replica, method: str, target: str, headers: list, body: bytes,
-                 long_poll: bool) -> httpx.Request:
+    def _request(self, rep: Replica, method: str, target: str, headers: list, body: bytes) -> httpx.Request:
         return httpx.Request(method, rep.url + target, headers=headers, content=body,
                              extensions={"timeout": TIMEOUT})
 
@@ -349,7 +348,7 @@ class RouterApp:
 
         async def one(rep: Replica) -> httpx.Response | Exception:
             try:
-                r = await self.client.send(self._request(rep, method, target, headers, body, False))  # type: ignore
+                r = await self.client.send(self._request(rep, method, target, headers, body))  # type: ignore
                 rep.requests_served += 1
                 return r
             except httpx.HTTPError as e:
