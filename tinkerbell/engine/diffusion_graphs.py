@@ -31,6 +31,10 @@ log = logging.getLogger("tinkerbell.diffusion")
 
 ENV = "TINKERBELL_DIFFUSION_CUDA_GRAPHS"
 MAX_GRAPHS = 4  # shapes kept at once (each holds its inputs, a cached context and its logits)
+# GPU memory the graphs' copies of cached contexts may hold together. A large batch over long contexts (16 x 4k
+# tokens of LLaDA-8B: 34 GB) would not fit a second time, and such a step is bound by its matmuls, not by
+# launches: it runs eagerly. LLaDA-8B at 16 x 192 keys is 1.6 GB.
+MAX_PAST_BYTES = 8 << 30
 
 Key = tuple[Any, ...]
 
@@ -85,8 +89,8 @@ class _Graph:
 class GraphCache:
     """Graphs by shape, least recently used dropped beyond MAX_GRAPHS; a shape is captured on its second sight."""
 
-    def __init__(self, model: Any, max_graphs: int = MAX_GRAPHS):
-        self.model, self.max_graphs = model, max_graphs
+    def __init__(self, model: Any, max_graphs: int = MAX_GRAPHS, max_past_bytes: int = MAX_PAST_BYTES):
+        self.model, self.max_graphs, self.max_past_bytes = model, max_graphs, max_past_bytes
         self.graphs: OrderedDict[Key, _Graph] = OrderedDict()
         self.seen: OrderedDict[Key, None] = OrderedDict()
         self.failed = False
@@ -107,6 +111,8 @@ class GraphCache:
                 while len(self.seen) > 64:
                     self.seen.popitem(last=False)
                 return None
+            if _bytes(past) > self.max_past_bytes:
+                return None
             try:
                 graph = _Graph(self.model, ids, pos, key_mask, past, index)
             except Exception:  # noqa: BLE001 - graphs are an optimisation: fall back to eager for good
@@ -115,8 +121,13 @@ class GraphCache:
                 return None
             self.captures += 1
             self.graphs[key] = graph
-            while len(self.graphs) > self.max_graphs:
+            while len(self.graphs) > self.max_graphs or (
+                    len(self.graphs) > 1 and sum(_bytes(g.past) for g in self.graphs.values()) > self.max_past_bytes):
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
         self.replays += 1
         return graph.run(ids, pos, key_mask, past, index), graph.past
+
+
+def _bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
