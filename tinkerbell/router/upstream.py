@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import sys
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -41,24 +40,33 @@ class UpstreamError(Exception):
         self.reached, self.timeout = reached, timeout
 
 
-if sys.version_info >= (3, 11):
-    _timeout = asyncio.timeout
-else:  # pragma: no cover - Python 3.10: a task per wait, fine off the hot path of 3.11+
-    import contextlib
+class _Watchdog:
+    """Aborts a connection whose pending read waited `limit` seconds for the replica. One timer per request,
+    re-armed only when it fires, instead of a timeout context per read (an SSE stream is one read per event);
+    time spent handing data to the client does not count."""
 
-    @contextlib.asynccontextmanager
-    async def _timeout(delay: float):  # type: ignore[no-redef]
-        task = asyncio.current_task()
-        assert task is not None
-        handle = asyncio.get_running_loop().call_later(delay, task.cancel)
-        try:
-            yield
-        except asyncio.CancelledError as e:
-            if handle.cancelled() or handle.when() > asyncio.get_running_loop().time():
-                raise
-            raise TimeoutError() from e
-        finally:
-            handle.cancel()
+    __slots__ = ("loop", "conn", "limit", "since", "reading", "fired", "handle")
+
+    def __init__(self, conn: "_Conn", limit: float):
+        self.loop = asyncio.get_running_loop()
+        self.conn, self.limit, self.reading, self.fired = conn, limit, False, False
+        self.since = self.loop.time()
+        self.handle = self.loop.call_at(self.since + limit, self._check)
+
+    def start_read(self) -> None:
+        self.since = self.loop.time()
+        self.reading = True
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if self.reading and now >= self.since + self.limit:
+            self.fired = True
+            self.conn.writer.transport.abort()  # the pending read ends (EOF); the caller reports a timeout
+            return
+        self.handle = self.loop.call_at(max(now, self.since) + self.limit, self._check)
+
+    def stop(self) -> None:
+        self.handle.cancel()
 
 
 class _Conn:
@@ -85,7 +93,7 @@ class Response:
     _conn: _Conn | None
     _framing: str  # "length" | "chunked" | "close" | "none"
     _left: int  # framing "length": body bytes still to read
-    _read_timeout: float
+    _wd: _Watchdog
     _keep: bool = True  # the connection may serve another request once this body is read
     _done: bool = False
 
@@ -101,43 +109,44 @@ class Response:
         conn = self._conn
         if self._done or conn is None:
             return
-        reader, rt = conn.reader, self._read_timeout
+        reader, wd = conn.reader, self._wd
         try:
-            # A timeout per read, not per body: a stream may last minutes, a silent replica may not.
             if self._framing == "length":
                 while self._left > 0:
-                    async with _timeout(rt):
-                        data = await reader.read(min(self._left, READ_SIZE))
+                    wd.start_read()
+                    data = await reader.read(min(self._left, READ_SIZE))
+                    wd.reading = False
                     if not data:
                         raise asyncio.IncompleteReadError(b"", self._left)
                     self._left -= len(data)
                     yield data
             elif self._framing == "chunked":
                 while True:
-                    async with _timeout(rt):
-                        size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
-                        data = await reader.readexactly(size + 2)
+                    wd.start_read()
+                    size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+                    data = await reader.readexactly(size + 2)
                     if size == 0:
                         if data != b"\r\n":  # trailer fields (rare; dropped), up to the final empty line
-                            async with _timeout(rt):
-                                await reader.readuntil(b"\r\n")  # the rest of the first one
-                                while await reader.readuntil(b"\r\n") != b"\r\n":
-                                    pass
+                            await reader.readuntil(b"\r\n")  # the rest of the first one
+                            while await reader.readuntil(b"\r\n") != b"\r\n":
+                                pass
+                        wd.reading = False
                         break
+                    wd.reading = False
                     yield data[:-2]
             elif self._framing == "close":
                 self._keep = False
                 while True:
-                    async with _timeout(rt):
-                        data = await reader.read(READ_SIZE)
+                    wd.start_read()
+                    data = await reader.read(READ_SIZE)
+                    wd.reading = False
                     if not data:
                         break
                     yield data
-        except TimeoutError as e:
-            self._keep = False
-            raise UpstreamError(f"no data from the replica for {self._read_timeout:g} s", True, timeout=True) from e
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError) as e:
             self._keep = False
+            if wd.fired:
+                raise UpstreamError(f"no data from the replica for {wd.limit:g} s", True, timeout=True) from e
             raise UpstreamError(f"the replica broke off the response: {type(e).__name__}: {e}", True) from e
         self._done = True
 
@@ -150,6 +159,7 @@ class Response:
         conn, self._conn = self._conn, None
         if conn is None:
             return
+        self._wd.stop()
         if self._done and self._keep:
             self._upstream.release(conn)
         else:
@@ -188,11 +198,10 @@ class Upstream:
                 return conn
             conn.close()
         try:
-            async with _timeout(CONNECT_TIMEOUT):
-                reader, writer = await asyncio.open_connection(
-                    self.host, self.port, ssl=self._ssl, server_hostname=self.host if self.https else None,
-                    limit=MAX_HEAD)
-        except TimeoutError as e:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                self.host, self.port, ssl=self._ssl, server_hostname=self.host if self.https else None,
+                limit=MAX_HEAD), CONNECT_TIMEOUT)
+        except asyncio.TimeoutError as e:
             raise UpstreamError(f"connect timed out after {CONNECT_TIMEOUT:g} s", False, timeout=True) from e
         except OSError as e:
             raise UpstreamError(f"connect failed: {e}", False) from e
@@ -210,33 +219,41 @@ class Upstream:
         if body or method in ("POST", "PUT", "PATCH"):
             parts.append(b"content-length: %d\r\n" % len(body))
         parts.append(b"\r\n")
+        wd = _Watchdog(conn, read_timeout)
         try:
             conn.writer.write(b"".join(parts) + body)
             if conn.writer.transport.get_write_buffer_size() > READ_SIZE:
-                async with _timeout(WRITE_TIMEOUT):
-                    await conn.writer.drain()
-            async with _timeout(read_timeout):
+                await asyncio.wait_for(conn.writer.drain(), WRITE_TIMEOUT)
+            wd.start_read()
+            head = await conn.reader.readuntil(b"\r\n\r\n")
+            while head[9:10] == b"1" and head[9:12] != b"101":  # 100 Continue / 103 Early Hints: skip
                 head = await conn.reader.readuntil(b"\r\n\r\n")
-                while head[9:10] == b"1" and head[9:12] != b"101":  # 100 Continue / 103 Early Hints: skip
-                    head = await conn.reader.readuntil(b"\r\n\r\n")
-        except TimeoutError as e:
+            wd.reading = False
+        except asyncio.TimeoutError as e:
+            wd.stop()
             conn.close()
-            raise UpstreamError(f"no response from the replica within {read_timeout:g} s", True, timeout=True) from e
+            raise UpstreamError(f"the replica took no request body for {WRITE_TIMEOUT:g} s", True, timeout=True) from e
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as e:
+            wd.stop()
             conn.close()
+            if wd.fired:
+                raise UpstreamError(f"no response from the replica within {read_timeout:g} s", True,
+                                    timeout=True) from e
             what = "closed the connection without a response" if isinstance(e, asyncio.IncompleteReadError) \
                 else f"{type(e).__name__}: {e}"
             raise UpstreamError(f"the replica {what}", True) from e
         except BaseException:
+            wd.stop()
             conn.close()  # cancelled (the client left): the connection is mid-exchange
             raise
         try:
-            return self._parse_head(conn, method, head, read_timeout)
+            return self._parse_head(conn, method, head, wd)
         except ValueError as e:
+            wd.stop()
             conn.close()
             raise UpstreamError(f"malformed response head from the replica: {e}", True) from e
 
-    def _parse_head(self, conn: _Conn, method: str, head: bytes, read_timeout: float) -> Response:
+    def _parse_head(self, conn: _Conn, method: str, head: bytes, wd: _Watchdog) -> Response:
         lines = head[:-4].split(b"\r\n")
         status_line = lines[0]
         if not status_line.startswith(b"HTTP/1.") or len(status_line) < 12:
@@ -267,7 +284,7 @@ class Upstream:
             framing, left = ("length", length) if length else ("none", 0)
         else:
             framing, left = "close", 0
-        resp = Response(status, headers, self, conn, framing, left, read_timeout, _keep=keep)
+        resp = Response(status, headers, self, conn, framing, left, wd, _keep=keep)
         if framing == "none":
             resp._done = True
         return resp
