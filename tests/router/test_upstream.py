@@ -149,3 +149,29 @@ def test_a_silent_replica_times_out_per_read_and_its_connection_is_dropped():
         up.close()
 
     run(test)
+
+
+def test_connections_idle_past_the_expiry_are_closed_not_reused():
+    async def test(reps: FakeReplicas) -> None:
+        up = Upstream(reps.urls[0])
+        rs = [await up.request("POST", "/echo", [], b"a", 10) for _ in range(3)]  # three connections at once
+        for r in rs:
+            await r.aread()
+            await r.aclose()
+        assert len(up._idle) == 3 and len(reps.conns[0]) == 3
+        up._idle[0].idle_since -= 100  # the bottom one has been idle far past the expiry
+        r = await up.request("POST", "/echo", [], b"b", 10)  # reuses the newest
+        assert await r.aread() == b"b" and len(reps.conns[0]) == 3
+        await r.aclose()  # giving it back closes the expired one at the bottom
+        await asyncio.sleep(0.05)
+        assert len(up._idle) == 2 and len(reps.conns[0]) == 2
+        for c in up._idle:
+            c.idle_since -= 100
+        r = await up.request("POST", "/echo", [], b"c", 10)  # all expired: a fresh connection, the old closed
+        assert await r.aread() == b"c"
+        await r.aclose()
+        await asyncio.sleep(0.05)
+        assert len(up._idle) == 1 and len(reps.conns[0]) == 1
+        up.close()
+
+    run(test)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator
 from urllib.parse import urlsplit
@@ -175,15 +176,18 @@ class Upstream:
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or (443 if self.https else 80)
         self.authority = (u.netloc or self.host).encode("latin-1")
-        self._idle: list[_Conn] = []
+        self._idle: deque[_Conn] = deque()  # newest on the right
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self.https else None
 
     def release(self, conn: _Conn) -> None:
-        if len(self._idle) >= MAX_IDLE:
-            conn.close()
-            return
-        conn.idle_since = time.monotonic()
-        self._idle.append(conn)
+        now = time.monotonic()
+        idle = self._idle
+        # The oldest idle connections sit at the bottom of the stack: close the expired ones here, or they would
+        # linger until the replica drops them.
+        while idle and (len(idle) >= MAX_IDLE or now - idle[0].idle_since >= IDLE_EXPIRY):
+            idle.popleft().close()
+        conn.idle_since = now
+        idle.append(conn)
 
     def close(self) -> None:
         for c in self._idle:
