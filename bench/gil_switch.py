@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """A/B of the API process's GIL switch interval: one replica, the same HTTP load, CPython's default 5 ms vs
-Tinkerbell's default (tinkerbell/api/app.py, TINKERBELL_GIL_SWITCH_INTERVAL), in one run on one GPU.
+shorter ones (TINKERBELL_GIL_SWITCH_INTERVAL, tinkerbell/api/app.py), in one run on one GPU.
 
 The engine thread and the event loop share the GIL; the question is how much of the gap between the engine's
 own throughput and what HTTP clients get is the engine thread waiting for the GIL.

@@ -130,17 +130,17 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: assume it is reachable from elsewhere
 
 
-# The engine thread and the event loop share one GIL. At CPython's default 5 ms switch interval, a busy event loop
-# (hundreds of streaming connections) keeps the engine thread waiting up to 5 ms at every point it gives the GIL
-# up (each wait on the GPU), which stretches ~1.5 ms decode steps several-fold. A shorter interval hands the GIL
-# back sooner; TINKERBELL_GIL_SWITCH_INTERVAL (seconds) overrides it, 0.005 restores CPython's default.
-DEFAULT_GIL_SWITCH_INTERVAL = 0.0005
+# The engine thread and the event loop share one GIL; TINKERBELL_GIL_SWITCH_INTERVAL (seconds) sets CPython's
+# switch interval for the API process. Left at CPython's 5 ms by default: on an H100 (1B, 256 clients, 128/128)
+# 0.5 ms gave +16% non-streamed but -20% streamed output tok/s (bench/gil_switch.py, docs/benchmarks.md).
 
 
 def _tune_gil_switch_interval() -> None:
     raw = os.environ.get("TINKERBELL_GIL_SWITCH_INTERVAL", "")
+    if not raw:
+        return
     try:
-        value = float(raw) if raw else DEFAULT_GIL_SWITCH_INTERVAL
+        value = float(raw)
         if not value > 0:
             raise ValueError
     except ValueError:
