@@ -95,6 +95,22 @@ def _decode_rate(engine, batch: int, prompt_len: int, short: int, long: int, voc
     return {"tok_s": batch * steps / dt, "ms_step": dt / steps * 1e3}
 
 
+def _batch_rate(engine, batch: int, prompt_len: int, new: int, vocab: int, seed: int, runs: int = 5) -> dict:
+    """`batch` fresh requests of `new` tokens each, end to end (prefill included), median of `runs`: at batch
+    64 a difference of two such totals (as for batch 1) is swamped by the prefill's run-to-run spread."""
+    from tinkerbell.engine.types import SampleJob
+
+    rng = np.random.default_rng(seed)
+
+    def jobs() -> list:
+        return [SampleJob(prompt=rng.integers(10, vocab, prompt_len).tolist(), max_tokens=new, temperature=0.0,
+                          stop_at_eos=False) for _ in range(batch)]
+
+    _timed_requests(engine, jobs())  # warm-up: graphs for this batch bucket
+    e2e = statistics.median(_timed_requests(engine, jobs()) for _ in range(runs))
+    return {"tok_s": batch * new / e2e, "s_run": e2e}
+
+
 def _train_step(engine, seqs: int, seq_len: int, vocab: int, iters: int) -> dict:
     from tinkerbell.engine.lora import LoraSpec
     from tinkerbell.engine.types import AdamParams, TrainDatum
@@ -172,7 +188,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     vocab = min(engine.vocab_size, 100_000)
     s = args.sizes
     out["b1"] = _decode_rate(engine, 1, s["prompt"], s["short"], s["long"], vocab, seed=1)
-    out["b64"] = _decode_rate(engine, s["batch"], s["prompt"] // 2, s["short"], s["long"], vocab, seed=2)
+    out["b64"] = _batch_rate(engine, s["batch"], s["prompt"] // 2, s["long"], vocab, seed=2)
     out["train"] = _train_step(engine, s["seqs"], s["seq_len"], vocab, s["iters"])
     out.update(_agreement(engine, vocab, s["lp_prompt"], s["greedy"]))
     if engine.device.type == "cuda":
@@ -205,6 +221,21 @@ def _child(mode: str, args: argparse.Namespace, ckpt: Path) -> dict:
     return res
 
 
+def _best(results: list[dict]) -> dict:
+    """The first run's record with each timing replaced by the best over runs (rates: highest, times: lowest)."""
+    out = dict(results[0])
+    for key in ("b1", "b64", "train"):
+        best = dict(results[0][key])
+        for r in results[1:]:
+            for k, v in r[key].items():
+                if k in ("tok_s",):
+                    best[k] = max(best[k], v)
+                elif k in ("ms_step", "s_step", "s_run"):
+                    best[k] = min(best[k], v)
+        out[key] = best
+    return out
+
+
 def _diff(a: dict, b: dict) -> tuple[float, float]:
     """(max |prompt logprob| difference, fraction of greedy tokens equal up to the first divergence)."""
     lp = float(np.nanmax(np.abs(np.array(a["prompt_lps"], float) - np.array(b["prompt_lps"], float))))
@@ -224,8 +255,8 @@ def report(res: dict[str, dict], fp32: bool) -> int:
     modes = list(res)
     rows = [("decode b1 ms/step", lambda r: r["b1"]["ms_step"], "{:.3f}"),
             ("decode b1 tok/s", lambda r: r["b1"]["tok_s"], "{:.1f}"),
-            (f"decode b{SIZES_USED['batch']} ms/step", lambda r: r["b64"]["ms_step"], "{:.3f}"),
-            (f"decode b{SIZES_USED['batch']} tok/s", lambda r: r["b64"]["tok_s"], "{:.0f}"),
+            (f"b{SIZES_USED['batch']} x {SIZES_USED['long']} new s/run", lambda r: r["b64"]["s_run"], "{:.3f}"),
+            (f"b{SIZES_USED['batch']} output tok/s", lambda r: r["b64"]["tok_s"], "{:.0f}"),
             (f"train {SIZES_USED['seqs']}x{SIZES_USED['seq_len']} s/step", lambda r: r["train"]["s_step"], "{:.3f}"),
             ("train tok/s", lambda r: r["train"]["tok_s"], "{:.0f}")]
     head = f"{'':28}" + "".join(f"{m:>12}" for m in modes)
@@ -240,7 +271,7 @@ def report(res: dict[str, dict], fp32: bool) -> int:
         if "tp1" in res:
             line += f"{_pct(get(res['tp1']), get(res['plain'])):>14}"
             ratio = get(res["tp1"]) / get(res["plain"]) - 1
-            if ("ms/step" in name or "s/step" in name) and ratio == ratio:  # a NaN (unmeasurable) row is skipped
+            if ("s/step" in name or "s/run" in name) and ratio == ratio:  # a NaN (unmeasurable) row is skipped
                 worst = max(worst, ratio)
         if "tp2" in res:
             line += f"{_pct(get(res['tp2']), get(res['tp1'])):>12}"
@@ -285,6 +316,7 @@ def main() -> int:
     ap.add_argument("--ckpt", type=Path, help="checkpoint folder (default: written to a temp dir)")
     ap.add_argument("--mode", choices=("plain", "tp1", "tp2"), help=argparse.SUPPRESS)  # one mode, in a child
     ap.add_argument("--mode-timeout", type=float, default=400)
+    ap.add_argument("--repeats", type=int, default=2, help="processes per mode, alternating (best timing kept)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     args.sizes = SIZES["tiny" if args.tiny else "gpu"]
@@ -307,7 +339,10 @@ def main() -> int:
         if ngpu >= 2:
             modes.append("tp2")
         print(f"{ngpu} GPU(s): {torch.cuda.get_device_name(0)}; modes {', '.join(modes)}")
-    res = {m: _child(m, args, ckpt) for m in modes}
+    # Each mode runs in its own process, twice, alternating (plain, tp1, plain, tp1): the GPU's clocks and the
+    # allocator drift between processes by more than the 2% under test, so each timing is the better of two.
+    runs = [(m, _child(m, args, ckpt)) for _ in range(args.repeats) for m in modes]
+    res = {m: _best([r for mm, r in runs if mm == m]) for m in modes}
     print(f"\nmodel {'tiny (float32)' if args.device == 'cpu' else 'Llama-3.2-1B shapes, random, bf16'}, "
           f"device {args.device}, total {time.perf_counter() - t0:.0f}s\n")
     code = report(res, fp32=args.device == "cpu")
