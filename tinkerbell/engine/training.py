@@ -331,7 +331,7 @@ class Trainer:
 
     def _chunk_logprobs(self, hidden: torch.Tensor, ctx: BatchContext, row_offset: int, local_rows: torch.Tensor,
                         ids: torch.Tensor) -> torch.Tensor:
-        if self.tp is not None:
+        if self.tp is not None and self.tp.world > 1:  # one rank's logits are the whole vocabulary
             return self._chunk_logprobs_tp(hidden, ctx, row_offset, local_rows, ids)
         logits = self.model.logits(hidden, ctx, row_offset=row_offset).float()
         return logits[local_rows, ids] - torch.logsumexp(logits, dim=-1)[local_rows]

@@ -244,7 +244,7 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings; vocab-parallel under tp: each rank looks up the ids in its range, zeros the rest,
         and the all-reduce leaves every rank with every row."""
-        if self.shard is None:
+        if self.shard is None or self.tp.world == 1:  # one rank holds the whole vocabulary: a plain lookup
             return self.model.embed_tokens(input_ids)
         s = self.shard
         local = input_ids - s.vocab_start
