@@ -92,3 +92,21 @@ def test_cached_contexts_too_big_for_a_second_copy_run_eagerly(model, budget, re
         sampler.step()
     assert [s.tokens for f in futs for s in f.result().sequences] == eager
     assert (sampler.stats()["cuda_graph_replays"] > 0) is replayed
+
+
+def test_forwards_of_many_tokens_run_eagerly_with_the_same_tokens(model):
+    """Past the token cap a step is matmul-bound: no capture (which staggered arrivals would repeat per batch
+    shape), the eager forward instead, with the same tokens."""
+    jobs = JOBS[1:3]
+    eager, _ = _run(model, jobs, graphs=False)
+    dev = next(model.parameters()).device
+    sampler = DiffusionSampler(model, dev, torch.float32, eos_token_ids=[], decode=lambda ids: "", max_context=512,
+                               batch_size=16, cuda_graphs=True)
+    sampler._graphs.max_tokens = 1  # every step of these requests has more new tokens than that
+    futs = [Future() for _ in jobs]
+    for job, fut in zip(jobs, futs):
+        sampler.add_request(job, fut)
+    while sampler.has_work():
+        sampler.step()
+    assert [s.tokens for f in futs for s in f.result().sequences] == eager
+    assert sampler.stats()["cuda_graph_replays"] == 0 and sampler._graphs.captures == 0

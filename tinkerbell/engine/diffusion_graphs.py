@@ -35,6 +35,13 @@ MAX_GRAPHS = 4  # shapes kept at once (each holds its inputs, a cached context a
 # tokens of LLaDA-8B: 34 GB) would not fit a second time, and such a step is bound by its matmuls, not by
 # launches: it runs eagerly. LLaDA-8B at 16 x 192 keys is 1.6 GB.
 MAX_PAST_BYTES = 8 << 30
+# Only forwards of at most this many new tokens are graphed. Below it a step is bound by weight reads and kernel
+# launches, which a replay removes; above it (16 requests x a 32-token block) the GPU's matmuls take longer than
+# Python takes to launch them, so a graph saves nothing, while the batch shapes that staggered HTTP arrivals make
+# change every few steps and each new one would cost a capture (two warm-up forwards and the capture itself).
+# Measured on the H100 (docs/benchmarks.md): graphs took 1 request from 41 to 96 tok/s but 16 concurrent
+# requests from 7.5 to 4.5 req/s at 32 steps.
+MAX_GRAPH_TOKENS = 256
 
 Key = tuple[Any, ...]
 
@@ -87,10 +94,13 @@ class _Graph:
 
 
 class GraphCache:
-    """Graphs by shape, least recently used dropped beyond MAX_GRAPHS; a shape is captured on its second sight."""
+    """Graphs by shape, least recently used dropped beyond MAX_GRAPHS; a shape is captured on its second sight;
+    forwards of more than MAX_GRAPH_TOKENS new tokens run eagerly."""
 
-    def __init__(self, model: Any, max_graphs: int = MAX_GRAPHS, max_past_bytes: int = MAX_PAST_BYTES):
+    def __init__(self, model: Any, max_graphs: int = MAX_GRAPHS, max_past_bytes: int = MAX_PAST_BYTES,
+                 max_tokens: int = MAX_GRAPH_TOKENS):
         self.model, self.max_graphs, self.max_past_bytes = model, max_graphs, max_past_bytes
+        self.max_tokens = max_tokens
         self.graphs: OrderedDict[Key, _Graph] = OrderedDict()
         self.seen: OrderedDict[Key, None] = OrderedDict()
         self.failed = False
@@ -100,7 +110,7 @@ class GraphCache:
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, key_mask: torch.Tensor, past: torch.Tensor | None,
                 index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(logits, the graph's copy of `past`) from a replay, or None: run this forward eagerly."""
-        if self.failed:
+        if self.failed or ids.numel() > self.max_tokens:
             return None
         key = (tuple(ids.shape), tuple(key_mask.shape), None if past is None else tuple(past.shape),
                index.numel(), ids.device)
