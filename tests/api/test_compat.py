@@ -40,11 +40,15 @@ def _poll(c: httpx.Client, rid: str) -> httpx.Response:
 
 
 def test_sync_routes_train_and_sample_in_memory(alice):
-    r = alice.post("/api/v1/add_lora", json={"base_model": "base", "rank": 8, "alpha": 16})
+    # Seeded, and training stops once memorised: from a random init at this learning rate Adam can overshoot a
+    # memorised answer in later steps (a fresh-clone CI run once sampled "My name is Al name is").
+    r = alice.post("/api/v1/add_lora", json={"base_model": "base", "rank": 8, "alpha": 16, "seed": 0})
     assert r.status_code == 200, r.text
     mid = r.json()["model_id"]
     losses = []
     for _ in range(12):
+        if losses and losses[-1] < 0.02 * losses[0]:
+            break
         # Both shared paths: JSON without seq_id/type is the original client's synchronous form.
         fb = alice.post("/api/v1/forward_backward", json={"model_id": mid, "data": [CONV], "loss_fn": "cross_entropy"})
         assert fb.status_code == 200, fb.text
