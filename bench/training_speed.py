@@ -225,13 +225,16 @@ def bench_ours(name: str, device: torch.device, vocab: int, seqs: int, seq_len: 
         trainer.forward_backward("one", batch, "cross_entropy", {}, False)
         trainer.optim_step("one", HP)
 
-    peak_reset(device)
-    t = timed(one_run, device, warmup=2, iters=iters)
-    out["single"] = {"s": t, "tok_s": tokens / t, "mfu": 4 * n_params * tokens / t / PEAK_FLOPS,
-                     "peak_gb": peak_gb(device)}
+    def measure(fn) -> tuple[dict, dict | None]:
+        """Seconds per step, tokens/s, MFU and peak memory of `fn`; then a profile of one step (GPU only)."""
+        peak_reset(device)
+        t = timed(fn, device, warmup=2, iters=iters)
+        row = {"s": t, "tok_s": tokens / t, "mfu": 4 * n_params * tokens / t / PEAK_FLOPS, "peak_gb": peak_gb(device)}
+        return row, (profile(fn) if device.type == "cuda" else None)
 
-    if device.type == "cuda":
-        out["profile"] = profile(one_run)
+    out["single"], prof = measure(one_run)
+    if prof is not None:
+        out["profile"] = prof
 
     runs = [f"t{i}" for i in range(seqs)]
     for i, r in enumerate(runs):
@@ -241,12 +244,9 @@ def bench_ours(name: str, device: torch.device, vocab: int, seqs: int, seq_len: 
         trainer.run_segments([trainer.prepare(r, [d], "cross_entropy", {}, False) for r, d in zip(runs, batch)])
         trainer.optim_steps([(r, HP) for r in runs])
 
-    peak_reset(device)
-    t = timed(many_runs, device, warmup=2, iters=iters)
-    out["multi"] = {"s": t, "tok_s": tokens / t, "mfu": 4 * n_params * tokens / t / PEAK_FLOPS,
-                    "peak_gb": peak_gb(device)}
-    if device.type == "cuda":
-        out["profile_multi"] = profile(many_runs)
+    out["multi"], prof = measure(many_runs)
+    if prof is not None:
+        out["profile_multi"] = prof
 
     slots = LoraSlots(cfg, max_loras=2, max_lora_rank=32, dtype=torch.bfloat16, device=device)
 

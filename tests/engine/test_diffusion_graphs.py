@@ -75,22 +75,29 @@ def test_graphs_are_on_by_default_on_cuda_and_the_environment_turns_them_off(mon
     assert wanted(torch.device("cuda"), False) is False and wanted(torch.device("cpu"), True) is True
 
 
+def _run_all_at_once(model, jobs: list[SampleJob], **graph_limits) -> tuple[list[list[int]], DiffusionSampler]:
+    """Every job admitted before the first step, on a graphed sampler whose GraphCache limits are overridden."""
+    dev = next(model.parameters()).device
+    sampler = DiffusionSampler(model, dev, torch.float32, eos_token_ids=[], decode=lambda ids: "", max_context=512,
+                               batch_size=16, cuda_graphs=True)
+    for name, value in graph_limits.items():
+        setattr(sampler._graphs, name, value)
+    futs = [Future() for _ in jobs]
+    for job, fut in zip(jobs, futs):
+        sampler.add_request(job, fut)
+    while sampler.has_work():
+        sampler.step()
+    return [s.tokens for f in futs for s in f.result().sequences], sampler
+
+
 @pytest.mark.parametrize("budget,replayed", [(1 << 30, True), (1024, False)])
 def test_cached_contexts_too_big_for_a_second_copy_run_eagerly(model, budget, replayed):
     """A graph keeps its own copy of the cached context: past the memory budget (here 1 KiB, below the tiny
     model's cached contexts) the step runs eagerly instead, with the same tokens."""
     jobs = JOBS[1:3]  # prefix_cache and dual_cache: their cached steps are graphed within budget
     eager, _ = _run(model, jobs, graphs=False)
-    dev = next(model.parameters()).device
-    sampler = DiffusionSampler(model, dev, torch.float32, eos_token_ids=[], decode=lambda ids: "", max_context=512,
-                               batch_size=16, cuda_graphs=True)
-    sampler._graphs.max_past_bytes = budget
-    futs = [Future() for _ in jobs]
-    for job, fut in zip(jobs, futs):
-        sampler.add_request(job, fut)
-    while sampler.has_work():
-        sampler.step()
-    assert [s.tokens for f in futs for s in f.result().sequences] == eager
+    graphed, sampler = _run_all_at_once(model, jobs, max_past_bytes=budget)
+    assert graphed == eager
     assert (sampler.stats()["cuda_graph_replays"] > 0) is replayed
 
 
@@ -99,14 +106,7 @@ def test_forwards_of_many_tokens_run_eagerly_with_the_same_tokens(model):
     shape), the eager forward instead, with the same tokens."""
     jobs = JOBS[1:3]
     eager, _ = _run(model, jobs, graphs=False)
-    dev = next(model.parameters()).device
-    sampler = DiffusionSampler(model, dev, torch.float32, eos_token_ids=[], decode=lambda ids: "", max_context=512,
-                               batch_size=16, cuda_graphs=True)
-    sampler._graphs.max_tokens = 1  # every step of these requests has more new tokens than that
-    futs = [Future() for _ in jobs]
-    for job, fut in zip(jobs, futs):
-        sampler.add_request(job, fut)
-    while sampler.has_work():
-        sampler.step()
-    assert [s.tokens for f in futs for s in f.result().sequences] == eager
+    # max_tokens=1: every step of these requests has more new tokens than that
+    graphed, sampler = _run_all_at_once(model, jobs, max_tokens=1)
+    assert graphed == eager
     assert sampler.stats()["cuda_graph_replays"] == 0 and sampler._graphs.captures == 0
