@@ -97,8 +97,16 @@ def test_streamed_tokens_are_the_kept_ones(tiny_llama_dir):
 def test_step_n_plus_1_is_launched_before_step_n_is_read(tiny_llama_dir):
     events: list[str] = []
     sampler = _sampler(tiny_llama_dir, True, eos=[])
-    forward = sampler.execute
+    forward, forward_sampled = sampler.execute, sampler.execute_sampled
     sampler.execute = lambda plan, copies: (events.append("forward"), forward(plan, copies))[1]
+
+    def sampled(plan, copies):
+        out = forward_sampled(plan, copies)
+        if out is not None:
+            events.append("forward")
+        return out
+
+    sampler.execute_sampled = sampled
     job = SampleJob(prompt=PROMPTS[0], max_tokens=10, temperature=0.0, stop_at_eos=False,
                     on_token=lambda i, t, lp: events.append("token"))
     run(sampler, [job])
@@ -204,3 +212,19 @@ def test_sequences_reaching_the_context_limit(tiny_llama_dir):
     sampler = _sampler(tiny_llama_dir, True, max_context=48)
     _same(run(sampler, jobs), ref)
     assert [len(r.sequences[0].tokens) for r in ref] == [25, 43] and sampler._async.launched > 20
+
+
+def test_plain_draws_are_sampled_inside_the_graph_and_filtered_ones_outside(tiny_llama_dir):
+    def graph_sampled(job: SampleJob) -> int:
+        sampler = _sampler(tiny_llama_dir, True, eos=[])
+        calls = []
+        sample_decode = sampler.runner.sample_decode
+        sampler.runner.sample_decode = lambda plan: (calls.append(len(plan.rows)), sample_decode(plan))[1]
+        ref = run(_sampler(tiny_llama_dir, False, eos=[]), [job])
+        _same(run(sampler, [job]), ref)
+        return len(calls)
+
+    plain = SampleJob(prompt=PROMPTS[0], max_tokens=12, temperature=0.9, seed=3, num_samples=2, stop_at_eos=False)
+    assert graph_sampled(plain) >= 8
+    filtered = SampleJob(prompt=PROMPTS[0], max_tokens=12, temperature=0.9, seed=3, top_k=5, stop_at_eos=False)
+    assert graph_sampled(filtered) == 0

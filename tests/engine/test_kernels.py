@@ -157,3 +157,23 @@ def test_gumbel_sampler_equals_torch_form(backend):
     got = gs.sample_rows(logits, temps, keys)
     assert torch.equal(got, gs.sample_rows_torch(logits, temps, keys))
     assert torch.equal(got[[0, 5]], logits[[0, 5]].argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gumbel_sampler_with_logprobs_equals_separate_ops(backend, dtype):
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(5, 5000, generator=g) * 4).to(dtype)
+    temps = torch.tensor([0.0, 1.0, 0.7, 1.5, 1.0])
+    keys = gs.row_keys(torch.tensor([11, 12, 13, 14, 15]), torch.tensor([3, 4, 5, 6, 7]))
+    out = (torch.full((5,), -1, dtype=torch.int64), torch.full((2, 5), float("nan"), dtype=torch.float64),
+           torch.full((5,), float("nan")))
+    tokens, both, lse = gs.sample_rows_logprob(logits, temps, keys, out)
+    assert tokens is out[0] and both is out[1] and lse is out[2]
+    lf = logits.float()
+    ref_tokens = gs.sample_rows_torch(lf, temps, keys)
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.equal(both[0], ref_tokens.double())
+    ref_lse = lf.logsumexp(-1)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-6, atol=1e-5)
+    ref_lp = (lf.gather(-1, ref_tokens[:, None]).squeeze(-1) - ref_lse).double()
+    torch.testing.assert_close(both[1], ref_lp, rtol=1e-6, atol=1e-5)

@@ -9,6 +9,11 @@ A decode step of the asynchronous loop (sampler_async.py) comes as arrays (`Deco
 its input ids are the previous step's samples, still on the device, copied into the graph's id buffer by
 the GPU; its block tables are a host mirror kept across steps and uploaded only when they changed. Host
 arrays go to the device through pinned memory, so launching a step never waits for the GPU.
+
+Each captured graph also samples every row (kernels/gumbel_sample.sample_rows_logprob: token, its raw
+logprob, the logsumexp, from one pass over the logits) into static buffers, from per-row temperatures and
+noise keys uploaded with the step's row data. A decode step whose rows carry those inputs (`sample_decode`)
+therefore ends inside the graph: no logits copy, no separate logsumexp, gather or sampling launches.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 
 from tinkerbell.engine.batch import BatchContext, SeqSpan
+from tinkerbell.engine.kernels.gumbel_sample import sample_rows_logprob
 from tinkerbell.engine.kernels.lora_sgmv import LoraTiles, max_tiles, plan_tiles
 from tinkerbell.engine.kernels.paged_attention import PagedAttnMeta, meta_for_spans
 from tinkerbell.engine.kv_cache import PagedKVCache
@@ -39,6 +45,10 @@ class DecodeRows:
     tables: np.ndarray  # int32 [b, width] block tables (a host mirror kept across steps)
     tables_version: int  # changes whenever `tables` does: an unchanged table is not uploaded again
     lora: np.ndarray  # int64 [b] LoRA slot of each row (-1: none)
+    # Sampling inside the graph (`ModelRunner.sample_decode`): each row's noise key (gumbel_sample.row_keys of
+    # its seed and the position it draws for) and temperature (0: greedy). None: the caller samples itself.
+    keys: np.ndarray | None = None  # int64 [b]
+    temps: np.ndarray | None = None  # float32 [b]; the same array object while the rows' params are unchanged
 
     def __len__(self) -> int:
         return len(self.pos)
@@ -85,6 +95,17 @@ class StepPlan:
         return self
 
 
+@dataclass
+class Sampled:
+    """A decode step sampled inside the graph: views of the runner's static buffers, valid until the next
+    step is launched (read them, or copy them, on the same stream before that)."""
+
+    tokens: torch.Tensor  # int64 [b]
+    both: torch.Tensor  # float64 [2, b]: token ids and their raw logprobs (one device→host copy)
+    lse: torch.Tensor  # float32 [b]: logsumexp of each row's logits
+    logits: torch.Tensor  # [b, vocab] in the model's dtype (top-k logprobs read them)
+
+
 class _Graph:
     def __init__(self, graph: torch.cuda.CUDAGraph | None, logits: torch.Tensor | None):
         self.graph, self.logits = graph, logits
@@ -110,7 +131,7 @@ class ModelRunner:
         """float32 logits [len(plan.gathered), vocab] (one row per sequence for an array plan)."""
         b = len(plan.rows) if plan.rows is not None else len(plan.ids)
         if self.cuda_graphs and plan.decode_only and b <= GRAPH_BUCKETS[-1]:
-            return self._replay(plan)
+            return self._replay(plan).float()
         plan.materialize()
         self.eager_steps += 1
         dev = self.device
@@ -126,6 +147,20 @@ class ModelRunner:
         head = BatchContext(spans=[], lora=self._lora_for(plan.gathered_lora))
         return self.model.logits(hidden, head).float()
 
+    def samples(self, plan: StepPlan) -> bool:
+        """Whether `sample_decode` runs this plan: an array plan whose rows carry their sampling inputs, within
+        the largest graph bucket."""
+        rows = plan.rows
+        return (rows is not None and rows.keys is not None and rows.temps is not None and self.cuda_graphs
+                and len(rows) <= GRAPH_BUCKETS[-1])
+
+    def sample_decode(self, plan: StepPlan) -> Sampled:
+        """One graph replay that runs the forward and samples every row (see `samples`)."""
+        assert plan.rows is not None and self.samples(plan)
+        b = len(plan.rows)
+        logits = self._replay(plan)
+        return Sampled(self._tok[:b], self._both[:, :b], self._lse[:b], logits)
+
     def _lora_for(self, row_slots: list[int]) -> GatheredLora | None:
         if not any(s >= 0 for s in row_slots):
             return None
@@ -136,9 +171,15 @@ class ModelRunner:
     def _alloc_static(self) -> None:
         n, dev = GRAPH_BUCKETS[-1], self.device
         width = -(-self.max_context // self.kv.block_size)
-        # ids, positions, cache slots and context lengths of every row: one host→device copy per step.
-        self._rowdata = torch.zeros(4, n, dtype=torch.long, device=dev)
-        self._ids, self._pos, self._slot_map, self._tok_ctx = self._rowdata.unbind(0)
+        # ids, positions, cache slots, context lengths and noise keys of every row: one host→device copy a step.
+        self._rowdata = torch.zeros(5, n, dtype=torch.long, device=dev)
+        self._ids, self._pos, self._slot_map, self._tok_ctx, self._keys = self._rowdata.unbind(0)
+        self._temps = torch.zeros(n, dtype=torch.float32, device=dev)
+        self._temps_src: np.ndarray | None = None  # the host array now in _temps (uploaded when it changes)
+        # What the graph's sampling writes: token, [token; logprob] and logsumexp of every row.
+        self._tok = torch.zeros(n, dtype=torch.long, device=dev)
+        self._both = torch.zeros(2, n, dtype=torch.float64, device=dev)
+        self._lse = torch.zeros(n, dtype=torch.float32, device=dev)
         # Padding rows read entry 0 of their table row (context 1) and discard the result, so any block id
         # works there: stale ids of earlier steps are fine and tables are never reset.
         self._tables = torch.zeros(n, width, dtype=torch.int32, device=dev)
@@ -149,15 +190,16 @@ class ModelRunner:
 
     def _pad(self) -> None:
         """Every static row a harmless padding row (scratch block, context 1, no adapter)."""
-        self._rowdata.copy_(torch.from_numpy(self._host_rows([], [], [], [], GRAPH_BUCKETS[-1])))
+        self._rowdata.copy_(torch.from_numpy(self._host_rows([], [], [], [], [], GRAPH_BUCKETS[-1])))
         self._tiles.zero_()
 
     def _host_rows(self, ids: list[int] | np.ndarray, pos: list[int] | np.ndarray, slots: list[int] | np.ndarray,
-                   ctx: list[int] | np.ndarray, bucket: int) -> np.ndarray:
+                   ctx: list[int] | np.ndarray, keys: list[int] | np.ndarray, bucket: int) -> np.ndarray:
         b = len(ids)
-        rows = np.empty((4, bucket), dtype=np.int64)
-        rows[:, :b] = (ids, pos, slots, ctx)
-        rows[:, b:] = np.array([0, 0, self.kv.scratch_block * self.kv.block_size, 1])[:, None]
+        rows = np.empty((5, bucket), dtype=np.int64)
+        rows[:4, :b] = (ids, pos, slots, ctx)
+        rows[4, :b] = keys if len(keys) else 0
+        rows[:, b:] = np.array([0, 0, self.kv.scratch_block * self.kv.block_size, 1, 0])[:, None]
         return rows
 
     def _body(self, bucket: int, with_lora: bool) -> torch.Tensor:
@@ -172,7 +214,10 @@ class ModelRunner:
                                               max_ctx=self.max_context),
                            position_ids=self._pos[:bucket])
         hidden = self.model.hidden_states(self._ids[:bucket], ctx)
-        return self.model.logits(hidden, BatchContext(spans=[], lora=lora)).float()
+        logits = self.model.logits(hidden, BatchContext(spans=[], lora=lora))
+        sample_rows_logprob(logits, self._temps[:bucket], self._keys[:bucket],
+                            (self._tok[:bucket], self._both[:, :bucket], self._lse[:bucket]))
+        return logits
 
     def _capture(self, bucket: int, with_lora: bool) -> _Graph:
         if self.device.type != "cuda":
@@ -209,12 +254,16 @@ class ModelRunner:
             for i, s in enumerate(plan.spans):
                 tables[i, :len(s.block_table)] = s.block_table
             self._upload(self._rowdata[:, :bucket], self._host_rows(plan.ids, [c - 1 for c in ctx], plan.slots, ctx,
-                                                                    bucket))
+                                                                    [], bucket))
             self._upload(self._tables[:b, :width], tables)
             self._tables_version = None
         else:
-            host = self._host_rows(np.zeros(b, dtype=np.int64), rows.pos, rows.slots, rows.pos + 1, bucket)
+            keys = rows.keys if rows.keys is not None else []
+            host = self._host_rows(np.zeros(b, dtype=np.int64), rows.pos, rows.slots, rows.pos + 1, keys, bucket)
             self._upload(self._rowdata[:, :bucket], host)
+            if rows.temps is not None and rows.temps is not self._temps_src:
+                self._upload(self._temps[:b], rows.temps)
+                self._temps_src = rows.temps
             self._ids[:b].copy_(rows.ids)  # device to device, after the row data: the sampled tokens go in
             if rows.tables_version != self._tables_version:
                 self._upload(self._tables[:b, :rows.tables.shape[1]], rows.tables)

@@ -33,7 +33,7 @@ from tinkerbell.engine.kv_cache import BlockManager, PagedKVCache
 from tinkerbell.engine.lora import AdapterWeights, LoraBatch, LoraSegment
 from tinkerbell.engine.lora_slots import LoraSlots
 from tinkerbell.engine.models.llama import CausalLM
-from tinkerbell.engine.runner import ModelRunner, StepPlan
+from tinkerbell.engine.runner import ModelRunner, Sampled, StepPlan
 from tinkerbell.engine.sampler_async import AsyncDecoder
 from tinkerbell.engine.scheduler import (ScheduledSeq, Scheduler, SeqStatus, Sequence, SequenceGroup)
 from tinkerbell.engine.types import EngineUserError, SampledSequence, SampleJob, SampleResult
@@ -241,6 +241,15 @@ class Sampler:
             self.kv.copy_prefix(src, dst, n)
         # lm_head only over the rows that sample or score a prompt token, never every prefill row.
         return self.runner.logits(plan) if self.runner is not None else self._reference_logits(plan)
+
+    def execute_sampled(self, plan: StepPlan, copies: list[tuple[int, int, int]]) -> Sampled | None:
+        """`execute` for a decode plan whose rows carry their sampling inputs, sampled inside the runner's
+        graph; None (and nothing run) where the runner cannot (reference path, no graphs, too many rows)."""
+        if self.runner is None or not self.runner.samples(plan):
+            return None
+        for src, dst, n in copies:
+            self.kv.copy_prefix(src, dst, n)
+        return self.runner.sample_decode(plan)
 
     def _plan(self, scheduled: list[ScheduledSeq]) -> tuple[StepPlan, list[_Rows]]:
         bs = self.blocks.block_size

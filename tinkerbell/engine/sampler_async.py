@@ -221,8 +221,19 @@ class AsyncDecoder:
             seq.num_pending += 1
         s._counters["steps"] += 1
         self.launched += 1
-        plan = StepPlan(rows=DecodeRows(ids=ids, pos=pos, slots=slots, tables=tables, tables_version=version,
-                                        lora=lora))
+        rows = DecodeRows(ids=ids, pos=pos, slots=slots, tables=tables, tables_version=version, lora=lora)
+        if not sampling.filtered:  # plain draws: the runner samples inside its graph
+            rows.keys, rows.temps = sampling.keys(pos + 1), sampling.host_temps
+        plan = StepPlan(rows=rows)
+        sampled = s.execute_sampled(plan, copies)
+        if sampled is not None:
+            # The tokens are cloned out of the static buffer: a synchronous step beside this one may replay a
+            # graph before they become the next step's input ids.
+            device = [sampled.both]
+            if topk_k:
+                device += self._topk(sampled.logits, sampled.lse, topk_k)
+            return self._inflight(seqs, sampled.tokens.clone(), device, pos, limit, tables, version, lora, sampling,
+                                  topk_k)
         logits = s.execute(plan, copies)
         return self._sample(seqs, logits, logits.logsumexp(dim=-1), pos, limit, tables, version, lora, sampling,
                             topk_k)
@@ -265,18 +276,29 @@ class AsyncDecoder:
         # The token drawn from a row whose input sits at `pos` takes index pos + 1 (its Gumbel key position).
         tokens = sampling.sample(logits, pos + 1)
         lps = logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
-        both = torch.stack([tokens.double(), lps.double()])  # token ids are exact in float64
-        device = [both]
-        if topk_k:  # as sampling.topk: the k highest logits of each row, as logprobs
-            values, ids = logits.topk(topk_k, dim=-1)
-            device += [ids.to(torch.int32), (values - lse[:, None]).to(torch.float32)]
+        device = [torch.stack([tokens.double(), lps.double()])]  # token ids are exact in float64
+        if topk_k:
+            device += self._topk(logits, lse, topk_k)
+        return self._inflight(seqs, tokens, device, pos, limit, tables, version, lora, sampling, topk_k)
+
+    @staticmethod
+    def _topk(logits: torch.Tensor, lse: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """As sampling.topk: the k highest logits of each row, as logprobs (ids int32, logprobs float32)."""
+        values, ids = logits.topk(k, dim=-1)
+        return [ids.to(torch.int32), (values.float() - lse[:, None]).to(torch.float32)]
+
+    def _inflight(self, seqs: list[Sequence], tokens: torch.Tensor, device: list[torch.Tensor], pos: np.ndarray,
+                  limit: np.ndarray, tables: np.ndarray, version: int, lora: np.ndarray, sampling: RowSampling,
+                  topk_k: int) -> Inflight:
+        """The step in flight, its [tokens; logprobs] (and top-k) copied to pinned host memory without waiting."""
+        both = device[0]
         event = None
         if both.is_cuda:
             host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in device]
             event = torch.cuda.Event()
             event.record()
         else:
-            host = device
+            host = [t.clone() for t in device]  # `both` may be the runner's static buffer, which the next step reuses
         topk = (host[1], host[2]) if topk_k else None
         return Inflight(seqs, tokens, host[0], event, pos, limit, tables, version, lora, sampling, topk_k, topk)
 

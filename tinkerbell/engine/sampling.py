@@ -129,26 +129,33 @@ class RowSampling:
     all_greedy: bool
     filtered: list[int]  # rows with top-k / top-p
     temps: torch.Tensor | None  # float32 [R] on the device; 0 = greedy, 1 for filtered rows (tempered already)
+    host_temps: np.ndarray  # float32 [R]: the same on the host (a graph that samples uploads it)
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int] | np.ndarray, device: torch.device) -> "RowSampling":
         if all(p.greedy for p in params):
-            return cls(params, np.asarray(seeds, dtype=np.int64), True, [], None)
+            return cls(params, np.asarray(seeds, dtype=np.int64), True, [], None, np.zeros(len(params), np.float32))
         filtered = [i for i, p in enumerate(params) if p.filtered]
         temps = np.array([0.0 if p.greedy else 1.0 if p.filtered else p.temperature for p in params],
                          dtype=np.float32)
-        return cls(params, np.asarray(seeds, dtype=np.int64), False, filtered, to_device(temps, device))
+        return cls(params, np.asarray(seeds, dtype=np.int64), False, filtered, to_device(temps, device), temps)
 
     def subset(self, keep: np.ndarray) -> "RowSampling":
         """The same rows' inputs for the rows `keep` (indices, in order)."""
         params = [self.params[i] for i in keep.tolist()]
         if self.all_greedy:
-            return RowSampling(params, self.seeds[keep], True, [], None)
+            return RowSampling(params, self.seeds[keep], True, [], None, np.zeros(len(params), np.float32))
         return RowSampling.build(params, self.seeds[keep], self.temps.device)
+
+    def keys(self, positions: np.ndarray) -> np.ndarray:
+        """Each row's noise key for drawing the token that takes index `positions` (int64 [R])."""
+        from tinkerbell.engine.kernels.gumbel_sample import row_keys
+
+        return np.ascontiguousarray(row_keys(self.seeds, positions.astype(np.int64)))
 
     def sample(self, logits: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         """One token per row; `positions` (int64 [R]) are the indices the drawn tokens will take."""
-        from tinkerbell.engine.kernels.gumbel_sample import row_keys, sample_rows
+        from tinkerbell.engine.kernels.gumbel_sample import sample_rows
 
         if self.all_greedy:
             return logits.argmax(dim=-1)
@@ -157,8 +164,8 @@ class RowSampling:
             logits = logits.clone()
             index = to_device(np.asarray(self.filtered, dtype=np.int64), dev)
             logits[index] = _filter_logits(logits[index], [self.params[i] for i in self.filtered])
-        keys = row_keys(self.seeds, positions.astype(np.int64))  # numpy: the same integer arithmetic as torch
-        return sample_rows(logits, self.temps, to_device(np.ascontiguousarray(keys), dev))
+        # numpy: the same integer arithmetic as torch
+        return sample_rows(logits, self.temps, to_device(self.keys(positions), dev))
 
 
 def topk(logprobs: torch.Tensor, k: int, lse: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:

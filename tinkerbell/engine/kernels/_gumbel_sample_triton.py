@@ -4,6 +4,11 @@ A row's vocabulary is cut into `splits` chunks, each scanned by its own program 
 spreads over the GPU instead of one SM walking 128k logits), each leaving its best (score, index); a second
 kernel reduces the chunks of a row. Scores are computed exactly as in the one-pass form, the maximum is exact
 and ties go to the lowest index in both stages, so the split changes no draw.
+
+`launch_logprob` also returns what the sampler reports with the token, in the same pass over the logits: each
+chunk keeps an online (max, sum of exp) of the raw logits and the raw logit at its best index, and the reduce
+forms the row's logsumexp and the token's raw logprob (logit - logsumexp, as sampling.py defines it). Logits
+may be bfloat16 (the model's output, read without a float32 copy); they are widened exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ def _mix32(x):
 
 
 @triton.jit
-def _kernel(logits_ptr, temp_ptr, key_ptr, best_ptr, idx_ptr, V, stride_r, chunk, splits, BLOCK: tl.constexpr):
+def _kernel(logits_ptr, temp_ptr, key_ptr, best_ptr, idx_ptr, stats_ptr, V, stride_r, chunk, splits,
+            BLOCK: tl.constexpr, STATS: tl.constexpr):
     row = tl.program_id(0)
     split = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
@@ -38,12 +44,15 @@ def _kernel(logits_ptr, temp_ptr, key_ptr, best_ptr, idx_ptr, V, stride_r, chunk
     key = tl.load(key_ptr + row).to(tl.int64)
     best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     best_idx = tl.full([BLOCK], 2147483647, dtype=tl.int32)
+    best_raw = tl.zeros([BLOCK], dtype=tl.float32)
+    m_lane = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    s_lane = tl.zeros([BLOCK], dtype=tl.float32)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, V)
     for start in range(lo, hi, BLOCK):
         idx = start + tl.arange(0, BLOCK)
         mask = idx < hi
-        lg = tl.load(logits_ptr + row * stride_r + idx, mask=mask, other=float("-inf"))
+        lg = tl.load(logits_ptr + row * stride_r + idx, mask=mask, other=float("-inf")).to(tl.float32)
         bits = _mix32(key ^ ((idx.to(tl.int64) * 0x9E3779B1) & 0xFFFFFFFF))
         u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
         g = -tl.log(-tl.log(u))
@@ -52,10 +61,25 @@ def _kernel(logits_ptr, temp_ptr, key_ptr, best_ptr, idx_ptr, V, stride_r, chunk
         better = score > best
         best = tl.where(better, score, best)
         best_idx = tl.where(better, idx, best_idx)
+        if STATS:
+            best_raw = tl.where(better, lg, best_raw)
+            m_new = tl.where(mask, tl.maximum(m_lane, lg), m_lane)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane of only -inf logits sums to 0
+            s_lane = tl.where(mask, s_lane * tl.exp(m_lane - m_ref) + tl.exp(lg - m_ref), s_lane)
+            m_lane = m_new
     top = tl.max(best, 0)
     cand = tl.where(best == top, best_idx, 2147483647)
+    first = tl.min(cand, 0)
     tl.store(best_ptr + row * splits + split, top)
-    tl.store(idx_ptr + row * splits + split, tl.min(cand, 0))
+    tl.store(idx_ptr + row * splits + split, first)
+    if STATS:
+        # (raw logit at the chunk's pick, max, sum of exp relative to it): every chunk holds a real logit.
+        m = tl.max(m_lane, 0)
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        at = row * splits * 3 + split * 3
+        tl.store(stats_ptr + at, tl.sum(tl.where(best_idx == first, best_raw, 0.0), 0))
+        tl.store(stats_ptr + at + 1, m)
+        tl.store(stats_ptr + at + 2, tl.sum(s_lane * tl.exp(m_lane - m_ref), 0))
 
 
 @triton.jit
@@ -68,6 +92,28 @@ def _reduce(best_ptr, idx_ptr, out_ptr, splits, S: tl.constexpr):
     top = tl.max(best, 0)
     cand = tl.where(mask & (best == top), idx, 2147483647)
     tl.store(out_ptr + row, tl.min(cand, 0).to(tl.int64))
+
+
+@triton.jit
+def _reduce_logprob(best_ptr, idx_ptr, stats_ptr, tok_ptr, both_ptr, lse_ptr, both_stride, splits,
+                    S: tl.constexpr):
+    row = tl.program_id(0)
+    s = tl.arange(0, S)
+    mask = s < splits
+    best = tl.load(best_ptr + row * splits + s, mask=mask, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * splits + s, mask=mask, other=2147483647)
+    raw = tl.load(stats_ptr + row * splits * 3 + s * 3, mask=mask, other=0.0)
+    m = tl.load(stats_ptr + row * splits * 3 + s * 3 + 1, mask=mask, other=float("-inf"))
+    se = tl.load(stats_ptr + row * splits * 3 + s * 3 + 2, mask=mask, other=0.0)
+    top = tl.max(best, 0)
+    tok = tl.min(tl.where(mask & (best == top), idx, 2147483647), 0)
+    raw_tok = tl.sum(tl.where(mask & (idx == tok) & (best == top), raw, 0.0), 0)
+    m_all = tl.max(m, 0)
+    lse = m_all + tl.log(tl.sum(tl.where(mask & (m > float("-inf")), se * tl.exp(m - m_all), 0.0), 0))
+    tl.store(tok_ptr + row, tok.to(tl.int64))
+    tl.store(both_ptr + row, tok.to(tl.float64))
+    tl.store(both_ptr + both_stride + row, (raw_tok - lse).to(tl.float64))
+    tl.store(lse_ptr + row, lse)
 
 
 def split_plan(rows: int, vocab: int) -> tuple[int, int]:
@@ -85,7 +131,31 @@ def launch(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor)
     splits, chunk = split_plan(r, v)
     best = torch.empty(r, splits, dtype=torch.float32, device=logits.device)
     idx = torch.empty(r, splits, dtype=torch.int32, device=logits.device)
-    _kernel[(r, splits)](logits, temperatures.float(), keys, best, idx, v, logits.stride(0), chunk, splits,
-                         BLOCK=BLOCK, num_warps=4)
+    _kernel[(r, splits)](logits, temperatures.float(), keys, best, idx, best, v, logits.stride(0), chunk, splits,
+                         BLOCK=BLOCK, STATS=False, num_warps=4)
     _reduce[(r,)](best, idx, out, splits, S=triton.next_power_of_2(splits), num_warps=1)
+    return out
+
+
+def launch_logprob(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor,
+                   out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens int64 [R], [token ids; their raw logprobs] float64 [2, R], logsumexp float32 [R]), written into
+    `out` when given (a captured graph's static buffers)."""
+    r, v = logits.shape
+    dev = logits.device
+    if out is None:
+        out = (torch.empty(r, dtype=torch.int64, device=dev), torch.empty(2, r, dtype=torch.float64, device=dev),
+               torch.empty(r, dtype=torch.float32, device=dev))
+    tokens, both, lse = out
+    if not r:
+        return out
+    splits, chunk = split_plan(r, v)
+    best = torch.empty(r, splits, dtype=torch.float32, device=dev)
+    idx = torch.empty(r, splits, dtype=torch.int32, device=dev)
+    stats = torch.empty(r, splits, 3, dtype=torch.float32, device=dev)
+    _kernel[(r, splits)](logits, temperatures.float(), keys, best, idx, stats, v, logits.stride(0), chunk, splits,
+                         BLOCK=BLOCK, STATS=True, num_warps=4)
+    _reduce_logprob[(r,)](best, idx, stats, tokens, both, lse, both.stride(0), splits,
+                          S=triton.next_power_of_2(splits), num_warps=1)
     return out

@@ -59,3 +59,30 @@ def sample_rows_torch(logits: torch.Tensor, temperatures: torch.Tensor, keys: to
     scores = logits / temps[:, None] + gumbel_torch(keys, logits.shape[-1])
     scores = torch.where(greedy[:, None], logits, scores)
     return scores.argmax(dim=-1)
+
+
+def sample_rows_logprob(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor,
+                        out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sample_rows` plus what the sampler reports with each token, from one pass over the logits (float32
+    or the model's bfloat16): (tokens int64 [R], [tokens; raw logprobs] float64 [2, R], logsumexp float32 [R]).
+    The raw logprob is log_softmax at temperature 1 (sampling.py's convention). `out`: buffers to fill."""
+    if use_triton(logits) and logits.stride(-1) == 1:
+        from tinkerbell.engine.kernels._gumbel_sample_triton import launch_logprob
+
+        return launch_logprob(logits, temperatures, keys, out)
+    got = sample_rows_logprob_torch(logits, temperatures, keys)
+    if out is None:
+        return got
+    for dst, src in zip(out, got):
+        dst.copy_(src)
+    return out
+
+
+def sample_rows_logprob_torch(logits: torch.Tensor, temperatures: torch.Tensor,
+                              keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lf = logits.float()
+    tokens = sample_rows_torch(lf, temperatures, keys)
+    lse = lf.logsumexp(dim=-1)
+    lps = lf.gather(-1, tokens[:, None]).squeeze(-1) - lse
+    return tokens, torch.stack([tokens.double(), lps.double()]), lse
