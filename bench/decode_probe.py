@@ -207,6 +207,63 @@ def phases_8b() -> None:
     print("   stats:", {k: st[k] for k in st if "async" in k})
 
 
+def kernel_breakdown(fn, steps: int, label: str, top: int = 16) -> None:
+    """GPU kernel time per step by kernel name, under the profiler (`fn` runs `steps` steps)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names: Counter = Counter()
+    for e in evs:
+        names[e.name[:90]] += e.time_range.end - e.time_range.start
+    total = sum(names.values())
+    print(f"{label}: {total / steps / 1e3:.3f} ms of kernels per step")
+    for n, t in names.most_common(top):
+        print(f"  {t / steps:9.1f} us  {n}")
+
+
+def decode_8b_256() -> None:
+    """(4) one 8B decode step at batch 256 with real contexts (128..256 keys), by kernel; GEMMs at M=256."""
+    print("\n(4) Llama-3.1-8B decode at batch 256, real contexts", flush=True)
+    model = build_ours(hf_dict("Llama-3.1-8B"), torch.bfloat16)
+    cfg = model.cfg
+    sampler = make_sampler(model, torch.bfloat16, fast=True, num_blocks=256 * 256 // 16 + 600)
+    ps = prompts(256, 128, cfg.vocab_size, 2)
+    jobs = [SampleJob(prompt=p, max_tokens=128, temperature=1.0, seed=i, stop_at_eos=False) for i, p in enumerate(ps)]
+    futs = []
+    for j in jobs:
+        f = Future()
+        sampler.add_request(j, f)
+        futs.append(f)
+    n = 0
+    while sampler.has_work():
+        sampler.step()
+        n += 1
+        if n == 60:  # mid-decode: contexts ≈ 190
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                sampler.step()
+            torch.cuda.synchronize()
+            print(f"10 async steps mid-decode: {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms/step")
+            kernel_breakdown(lambda: [sampler.step() for _ in range(5)], 5, "8B b256 async step")
+    for (m, k, nn) in ((256, 4096, 6144), (256, 4096, 4096), (256, 4096, 28672), (256, 14336, 4096),
+                       (256, 4096, 128256)):
+        copies = max(2, min(6, int(400e6 // (nn * k * 2))))
+        ws = [torch.randn(nn, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        t = timed_graph(lambda i=0: F.linear(x, ws[i % copies]))
+        print(f"GEMM M={m} K={k} N={nn}: {t:8.1f} us  {2 * m * k * nn / t / 1e6:5.0f} TFLOP/s  "
+              f"{nn * k * 2 / t / 1e3:5.0f} GB/s")
+    del sampler, model
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -220,6 +277,8 @@ def main() -> None:
         step_profile(args.out)
     if "3" in args.only and not args.skip_8b:
         phases_8b()
+    if "4" in args.only and not args.skip_8b:
+        decode_8b_256()
 
 
 if __name__ == "__main__":

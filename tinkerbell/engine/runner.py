@@ -122,6 +122,7 @@ class ModelRunner:
         self._graphs: dict[tuple[int, bool], _Graph] = {}
         self.graph_steps = self.eager_steps = 0
         self._tables_version: int | None = None  # DecodeRows.tables_version now in the static tables
+        model.cache_rope(max_context, next(model.parameters()).dtype)
         if self.cuda_graphs:
             self._alloc_static()
 

@@ -47,3 +47,11 @@ def test_paged_decode_matches_full_forward(fixture, request):
             outs.append(model(seq[i : i + 1], ctx))
     ref = _reference(path, [seq])[0]
     assert (torch.cat(outs) - ref).abs().max().item() <= 1e-4
+
+
+def test_cached_rope_table_equals_computed_rope(tiny_llama_dir):
+    model = load_model(tiny_llama_dir, torch.float32, "cpu")
+    pos = torch.tensor([0, 5, 17, 63])
+    cos, sin = model.rope(pos, torch.float32)
+    model.cache_rope(64, torch.float32)
+    assert torch.equal(model.rope_cache[pos][:, 0], cos) and torch.equal(model.rope_cache[pos][:, 1], sin)

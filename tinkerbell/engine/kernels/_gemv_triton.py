@@ -62,13 +62,11 @@ def _gemv(x_ptr, res_ptr, nw_ptr, res_out_ptr, w_ptr, y_ptr, N, K, eps,
 
 
 def config(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight: enough programs to keep every SM
-    streaming (the H100 has 132), each reading whole 16-byte vectors."""
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for an [n, k] weight. Four rows a program was the fastest
+    choice for every 1B/8B projection shape on the H100 (many small programs keep every SM streaming), with
+    512-wide (1 KB) row chunks, pipelined four deep."""
     block_k = 512 if k >= 512 else triton.next_power_of_2(k)
-    block_n = 4
-    while block_n < 64 and triton.cdiv(n, block_n * 2) >= 528:
-        block_n *= 2
-    return block_n, block_k, 4, 3
+    return 4, block_k, 4, 4
 
 
 def launch(x: torch.Tensor, w: torch.Tensor, *, residual: torch.Tensor | None = None,

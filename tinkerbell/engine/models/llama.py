@@ -19,6 +19,7 @@ from torch import nn
 
 from tinkerbell.engine.batch import BatchContext
 from tinkerbell.engine.kernels.fused_layer import add_rmsnorm, rope_cache_write, silu_mul
+from tinkerbell.engine.kernels.gemv import linear
 from tinkerbell.engine.kernels.paged_attention import paged_attention
 from tinkerbell.engine.models.config import ModelConfig
 from tinkerbell.engine.tp.group import TPGroup, copy_to_tp, gather_last_dim, reduce_from_tp
@@ -112,7 +113,7 @@ class Attention(nn.Module):
             k = k * c + rotate_half(k) * s
             attn = attend(q, k, v, ctx, self.layer_idx)
         o = attn.reshape(t, cfg.num_heads * cfg.head_dim)
-        out = _lora(ctx, p + "o_proj", o, self.o_proj(o))
+        out = _lora(ctx, p + "o_proj", o, linear(o, self.o_proj.weight, self.o_proj.bias))
         return out if self.tp is None else reduce_from_tp(out, self.tp)
 
 
@@ -221,6 +222,14 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
+        self.rope_cache: torch.Tensor | None = None  # [positions, 2, head_dim] cos/sin; see cache_rope()
+
+    def cache_rope(self, max_positions: int, dtype: torch.dtype) -> None:
+        """Precompute cos/sin of every position below `max_positions` for the sampler's fast path, which then
+        looks them up in one gather instead of recomputing them each step (seven small launches). The same
+        elementwise ops as `rope`, so the values are identical."""
+        cos, sin = self.rope(torch.arange(max_positions, device=self.inv_freq.device), dtype)
+        self.rope_cache = torch.stack([cos, sin], dim=1)
 
     def fuse_projections(self) -> None:
         """Fuse q/k/v and gate/up into one matmul each (the parameters stay, as views). Call after loading and
@@ -255,8 +264,14 @@ class CausalLM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, ctx: BatchContext, checkpoint_layers: bool = False) -> torch.Tensor:
         """Final-norm hidden states [T, hidden] of the packed batch (logits are left to the caller)."""
         x = self.embed(input_ids)
+        fast = ctx.attn is not None and not torch.is_grad_enabled()
+        table = self.rope_cache
+        if fast and table is not None and table.dtype == x.dtype:
+            # The fast path's positions are below the sampler's context limit, which sized the table.
+            cs = table[ctx.positions(input_ids.device)]
+            return self._fused_hidden_states(x, cs[:, 0], cs[:, 1], ctx)
         cos, sin = self.rope(ctx.positions(input_ids.device), x.dtype)
-        if ctx.attn is not None and not torch.is_grad_enabled():
+        if fast:
             return self._fused_hidden_states(x, cos, sin, ctx)
         for layer in self.model.layers:
             if checkpoint_layers and torch.is_grad_enabled():
@@ -294,7 +309,7 @@ class CausalLM(nn.Module):
         autograd: training's vocab-parallel log-softmax reads these, never the gathered logits."""
         if self.tp is not None:
             hidden = copy_to_tp(hidden, self.tp)
-        out = self.lm_head(hidden)
+        out = linear(hidden, self.lm_head.weight)
         if ctx is not None and ctx.lora is not None:
             out = ctx.lora.apply("lm_head", hidden, out, row_offset=row_offset)
         return out
