@@ -181,15 +181,21 @@ def step_profile(out: str | None) -> None:
     torch.cuda.empty_cache()
 
 
-def phases_8b() -> None:
-    print("\n(3) Llama-3.1-8B, 256 requests 128/128: prefill vs decode steps", flush=True)
+def _sampler_8b_256():
+    """A warm sampler over random Llama-3.1-8B weights and the 256-request 128/128 workload's jobs (`mk(new)`)."""
     model = build_ours(hf_dict("Llama-3.1-8B"), torch.bfloat16)
-    cfg = model.cfg
     sampler = make_sampler(model, torch.bfloat16, fast=True, num_blocks=256 * 256 // 16 + 600)
-    ps = prompts(256, 128, cfg.vocab_size, 2)
+    ps = prompts(256, 128, model.cfg.vocab_size, 2)
     mk = lambda new: [SampleJob(prompt=p, max_tokens=new, temperature=1.0, seed=i, stop_at_eos=False)  # noqa: E731
                       for i, p in enumerate(ps)]
     drive_timed(sampler, mk(4))
+    return model, sampler, mk
+
+
+def phases_8b() -> None:
+    print("\n(3) Llama-3.1-8B, 256 requests 128/128: prefill vs decode steps", flush=True)
+    model, sampler, mk = _sampler_8b_256()
+    cfg = model.cfg
     for run in range(2):
         sampler.blocks.reset()
         total, steps = drive_timed(sampler, mk(128))
@@ -230,13 +236,10 @@ def kernel_breakdown(fn, steps: int, label: str, top: int = 16) -> None:
 def decode_8b_256() -> None:
     """(4) one 8B decode step at batch 256 with real contexts (128..256 keys), by kernel; GEMMs at M=256."""
     print("\n(4) Llama-3.1-8B decode at batch 256, real contexts", flush=True)
-    model = build_ours(hf_dict("Llama-3.1-8B"), torch.bfloat16)
-    cfg = model.cfg
-    sampler = make_sampler(model, torch.bfloat16, fast=True, num_blocks=256 * 256 // 16 + 600)
-    ps = prompts(256, 128, cfg.vocab_size, 2)
-    jobs = [SampleJob(prompt=p, max_tokens=128, temperature=1.0, seed=i, stop_at_eos=False) for i, p in enumerate(ps)]
+    model, sampler, mk = _sampler_8b_256()
+    sampler.blocks.reset()
     futs = []
-    for j in jobs:
+    for j in mk(128):
         f = Future()
         sampler.add_request(j, f)
         futs.append(f)
