@@ -181,6 +181,30 @@ def check_kernels(report: dict) -> None:
         report[f"gumbel_rows_equal_{rows}"] = same
         # float log rounding may flip a near-tie between the kernel and torch (never more than ~1 row in 64)
         report["checks"][f"triton Gumbel sampler vs torch, {rows} rows (rows equal)"] = same >= 1 - 1 / 32
+        # The graph's form: one pass over bf16 logits also gives each token's raw logprob and the logsumexp.
+        lb = logits.bfloat16()
+        tok, both, lse = gs.sample_rows_logprob(lb, temps, keys)
+        rtok, rboth, rlse = gs.sample_rows_logprob_torch(lb, temps, keys)
+        eq = tok == rtok
+        lp_err = (both[1] - rboth[1])[eq].abs().max().item()
+        lse_err = ((lse - rlse).abs() / rlse.abs()).max().item()
+        report[f"gumbel_logprob_rows_{rows}"] = {"equal": eq.float().mean().item(), "lp_abs_err": lp_err,
+                                                 "lse_rel_err": lse_err}
+        report["checks"][f"triton Gumbel + logprob (bf16 logits) vs torch, {rows} rows"] = (
+            eq.float().mean().item() >= 1 - 1 / 32 and lp_err < 1e-4 and lse_err < 1e-6
+            and torch.equal(both[0], tok.double()))
+    # The single-row GEMV (o_proj, LM head at batch 1) vs F.linear, float32 and bfloat16.
+    from tinkerbell.engine.kernels.gemv import linear
+    for n, k in ((2048, 2048), (128256, 2048)):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            w = (torch.randn(n, k, device="cuda", generator=g) / math.sqrt(k)).to(dtype)
+            x = torch.randn(1, k, device="cuda", generator=g).to(dtype)
+            with torch.inference_mode():
+                got = linear(x, w).float()
+            ref = x.double() @ w.double().t()
+            err = ((got.double() - ref).norm() / ref.norm()).item()
+            report[f"gemv_rel_err_{n}x{k}_{str(dtype)[6:]}"] = err
+            report["checks"][f"triton GEMV {n}x{k} vs float64 ({str(dtype)[6:]})"] = err < tol
 
 
 def check_fused(report: dict, g: torch.Generator) -> None:
