@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for issue 4's sampler figures: the baseline tree (if given) and this tree, same card.
-#   bash bench/device_issue4.sh OUT [BASELINE_DIR]
+#   bash bench/device_issue4.sh OUT [BASELINE_DIR]      (PROBE=1 adds decode_probe's kernel breakdowns)
 set -u
 out=${1:?OUT}; base=${2:-}
 export PYTHONUNBUFFERED=1
@@ -9,8 +9,10 @@ if [ -n "$base" ]; then
   echo "== baseline ($base): 1B batch-1 step, 8B 256x128/128"
   PYTHONPATH=$base timeout 150 python3 bench/decode_probe.py --only 23 2>&1 | grep -v Warn | tee "$out/base.txt"
 fi
-echo "== this tree: 1B batch-1 step, 8B decode step by kernel"
-PYTHONPATH=. timeout 150 python3 bench/decode_probe.py --only 24 2>&1 | grep -v Warn | tee "$out/new.txt"
+if [ -n "${PROBE:-}" ]; then
+  echo "== this tree: 1B batch-1 step, 8B decode step by kernel"
+  PYTHONPATH=. timeout 150 python3 bench/decode_probe.py --only 24 2>&1 | grep -v Warn | tee "$out/new.txt"
+fi
 echo "== this tree: bench/sampling_speed.py (checks, figures, HF peer)"
 PYTHONPATH=. timeout 330 python3 bench/sampling_speed.py --json "$out/report.json" --profile-dir "$out" 2>&1 \
   | tee "$out/speed.txt" | tail -40
