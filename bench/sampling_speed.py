@@ -524,6 +524,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer requests and tokens (a smoke run)")
     ap.add_argument("--skip-8b", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-hf-batch", action="store_true", help="the HF peer at batch 1 only (its batch runs are slow)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile-dir", default=None)
     args = ap.parse_args()
@@ -552,14 +553,16 @@ def main() -> None:
     stage("ours 1B", bench_ours, "Llama-3.2-1B", report, args.quick, True)
     if not args.skip_hf:
         stage("HF 1B batch 1", bench_hf, "Llama-3.2-1B", report, args.quick, 1, 32, "hf_batch1_tok_s")
-        stage("HF 1B batch", bench_hf, "Llama-3.2-1B", report, args.quick, 64 if args.quick else 256, 16,
-              "hf_batch_tok_s")
+        if not args.skip_hf_batch:
+            stage("HF 1B batch", bench_hf, "Llama-3.2-1B", report, args.quick, 64 if args.quick else 256, 16,
+                  "hf_batch_tok_s")
     if not args.skip_8b:
         stage("ours 8B", bench_ours, "Llama-3.1-8B", report, args.quick, False)
         if not args.skip_hf:
             stage("HF 8B batch 1", bench_hf, "Llama-3.1-8B", report, args.quick, 1, 32, "hf_batch1_tok_s")
-            stage("HF 8B batch", bench_hf, "Llama-3.1-8B", report, args.quick, 64 if args.quick else 128, 16,
-                  "hf_batch_tok_s")
+            if not args.skip_hf_batch:
+                stage("HF 8B batch", bench_hf, "Llama-3.1-8B", report, args.quick, 64 if args.quick else 128, 16,
+                      "hf_batch_tok_s")
     for name in SHAPES:
         for line in report.get(name, {}).get("profile_top_b1", []):
             print(line)
