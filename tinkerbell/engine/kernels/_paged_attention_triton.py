@@ -47,13 +47,11 @@ def _kernel(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, tok_seq_ptr, tok_ctx_ptr, sm
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, part_ptr, ml_ptr, o_ptr, count_ptr, tables_ptr, tok_seq_ptr, tok_ctx_ptr,
-                  sm_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_vs, stride_vh,
-                  stride_tab, GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
-                  KVH: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """One split of the context of one (token, KV head): unnormalised partial output and its (max, sum). The
-    last split of a (token, KV head) to finish merges all of them into the output (no second launch)."""
+def _split_kernel(q_ptr, k_ptr, v_ptr, part_ptr, ml_ptr, tables_ptr, tok_seq_ptr, tok_ctx_ptr, sm_scale,
+                  stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tab,
+                  GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, H: tl.constexpr, SPLITS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
+    """One split of the context of one (token, KV head): unnormalised partial output and its (max, sum)."""
     t = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -92,41 +90,23 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, part_ptr, ml_ptr, o_ptr, count_ptr, table
     tl.store(part_ptr + row[:, None] * D + d[None, :], acc, mask=gmask[:, None])
     tl.store(ml_ptr + row * 2, m_i, mask=gmask)
     tl.store(ml_ptr + row * 2 + 1, l_i, mask=gmask)
-    # acq_rel: this split's partials are visible before the count moves; the last one sees everyone's.
-    done = tl.atomic_add(count_ptr + t * KVH + kvh, 1, sem="acq_rel")
-    if done == SPLITS - 1:
-        base = (t * H + heads).to(tl.int64) * SPLITS
-        m_all = tl.full([GP], float("-inf"), dtype=tl.float32)
-        for sp2 in range(SPLITS):
-            m_all = tl.maximum(m_all, tl.load(ml_ptr + (base + sp2) * 2, mask=gmask, other=float("-inf"),
-                                              cache_modifier=".cg"))
-        num = tl.zeros([GP, D], dtype=tl.float32)
-        den = tl.zeros([GP], dtype=tl.float32)
-        for sp2 in range(SPLITS):
-            m_s = tl.load(ml_ptr + (base + sp2) * 2, mask=gmask, other=float("-inf"), cache_modifier=".cg")
-            l_s = tl.load(ml_ptr + (base + sp2) * 2 + 1, mask=gmask, other=0.0, cache_modifier=".cg")
-            w = tl.where(l_s > 0, tl.exp(m_s - m_all), 0.0)  # an empty split (m = -inf, l = 0) weighs nothing
-            part = tl.load(part_ptr + (base + sp2)[:, None] * D + d[None, :], mask=gmask[:, None], other=0.0,
-                           cache_modifier=".cg")
-            num += part * w[:, None]
-            den += l_s * w
-        out = num / tl.where(gmask, den, 1.0)[:, None]
-        tl.store(o_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=gmask[:, None])
-        tl.store(count_ptr + t * KVH + kvh, 0)  # ready for the next launch (graph replays included)
 
 
-_MAX_SPLIT_PROGRAMS = 512
-_counts: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counts(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (token, KV head) of a split launch; each launch leaves them zero again.
-    Allocated on the first split launch, which is an eager step (a graph's body runs once before its capture)."""
-    buf = _counts.get(device)
-    if buf is None or buf.numel() < n:
-        buf = _counts[device] = torch.zeros(max(n, _MAX_SPLIT_PROGRAMS // 2), dtype=torch.int32, device=device)
-    return buf
+@triton.jit
+def _reduce_kernel(part_ptr, ml_ptr, o_ptr, stride_ot, stride_oh, H: tl.constexpr, SPLITS: tl.constexpr,
+                   D: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, D)
+    row = (t * H + h).to(tl.int64) * SPLITS + sp
+    m = tl.load(ml_ptr + row * 2)
+    l = tl.load(ml_ptr + row * 2 + 1)
+    m_all = tl.max(m, 0)
+    w = tl.where(l > 0, tl.exp(m - m_all), 0.0)
+    acc = tl.load(part_ptr + row[:, None] * D + d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(o_ptr + t * stride_ot + h * stride_oh + d, out.to(o_ptr.dtype.element_ty))
 
 
 def num_splits(tokens: int, kv_heads: int) -> int:
@@ -134,7 +114,7 @@ def num_splits(tokens: int, kv_heads: int) -> int:
     of one sequence has only KVH programs otherwise). Depends on shapes only, so a captured graph keeps it."""
     programs = tokens * kv_heads
     for splits in (16, 8, 4, 2):
-        if programs * splits <= _MAX_SPLIT_PROGRAMS:
+        if programs * splits <= 512:
             return splits
     return 1
 
@@ -155,10 +135,11 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         part = torch.empty((t, h, splits, d), dtype=torch.float32, device=q.device)
         ml = torch.empty((t, h, splits, 2), dtype=torch.float32, device=q.device)
         _split_kernel[(t, kvh, splits)](
-            q, k_cache, v_cache, part, ml, out, _split_counts(q.device, t * kvh), block_tables, token_seq,
-            token_ctx, d ** -0.5, q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
-            k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), block_tables.stride(0), GROUP=group, GP=gp,
-            D=d, H=h, KVH=kvh, SPLITS=splits, BLOCK_N=32, PAGE=block_size, PRECISION=precision, num_warps=4)
+            q, k_cache, v_cache, part, ml, block_tables, token_seq, token_ctx, d ** -0.5,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+            block_tables.stride(0), GROUP=group, GP=gp, D=d, H=h, SPLITS=splits, BLOCK_N=32, PAGE=block_size,
+            PRECISION=precision, num_warps=4)
+        _reduce_kernel[(t, h)](part, ml, out, out.stride(0), out.stride(1), H=h, SPLITS=splits, D=d, num_warps=1)
         return out
     _kernel[(t, kvh)](
         q, k_cache, v_cache, out, block_tables, token_seq, token_ctx, d ** -0.5,
