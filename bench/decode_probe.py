@@ -81,38 +81,12 @@ def gemv_table() -> None:
                 continue
             if best is None or t < best[0]:
                 best = (t, cfg)
-        y, _ = gt.launch(x, ws[0], cfg=best[1])
+        y = gt.launch(x, ws[0], cfg=best[1])
         err = ((y.float() - ref).norm() / ref.norm()).item()
         t_def = timed_graph(lambda i=0: gt.launch(x, ws[i % copies]))
         print(f"{name:14} {n:>6} x {k:<6} {t_cublas:10.2f} {nbytes / t_cublas / 1e3:6.0f} {best[0]:10.2f} "
               f"{nbytes / best[0] / 1e3:6.0f} {str(best[1]):>18} {err:8.1e}  default cfg {t_def:.2f} us",
               flush=True)
-    # Fused prologues vs the separate kernels (1B shapes): norm + qkv, silu + down.
-    from tinkerbell.engine.kernels import fused_layer as fl
-
-    n, k = SHAPES["1B qkv"]
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(8)]
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    res = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    nw = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
-    h_ref, r_ref = fl.add_rmsnorm_torch(x, res.clone(), nw, 1e-5)
-    y_ref = F.linear(h_ref, ws[0])
-    y, r = gt.launch(x, ws[0], residual=res, norm_weight=nw, eps=1e-5)
-    e1 = ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
-    e2 = ((r.float() - r_ref.float()).norm() / r_ref.float().norm()).item()
-    t_sep = timed_graph(lambda i=0: F.linear(fl.add_rmsnorm(x, res.clone(), nw, 1e-5)[0], ws[i % 8]))
-    t_fused = timed_graph(lambda i=0: gt.launch(x, ws[i % 8], residual=res, norm_weight=nw, eps=1e-5))
-    print(f"norm+qkv: separate (clone+norm+cuBLAS) {t_sep:.2f} us, fused {t_fused:.2f} us, rel err y {e1:.1e} "
-          f"res {e2:.1e}")
-    n, k = SHAPES["1B down"]
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(8)]
-    gu = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
-    y_ref = F.linear(fl.silu_mul_torch(gu), ws[0])
-    y, _ = gt.launch(gu, ws[0], silu=True)
-    e1 = ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
-    t_sep = timed_graph(lambda i=0: F.linear(fl.silu_mul(gu), ws[i % 8]))
-    t_fused = timed_graph(lambda i=0: gt.launch(gu, ws[i % 8], silu=True))
-    print(f"silu+down: separate {t_sep:.2f} us, fused {t_fused:.2f} us, rel err {e1:.1e}", flush=True)
 
 
 def drive_timed(sampler, jobs):

@@ -188,26 +188,12 @@ def test_gumbel_sampler_with_logprobs_equals_separate_ops(backend, dtype):
     torch.testing.assert_close(both[1], ref_lp, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("silu, norm", [(False, False), (True, False), (False, True)])
-def test_gemv_equals_linear(triton_interpreter, silu, norm):
+def test_gemv_equals_linear(triton_interpreter):
     """The GEMV has no torch form of its own (`linear` is F.linear off the GPU): Triton's interpreter only."""
-    from tinkerbell.engine.kernels import fused_layer as fl
-    from tinkerbell.engine.kernels._gemv_triton import launch
     from tinkerbell.engine.kernels.gemv import linear
 
     g = torch.Generator().manual_seed(2)
     n, k = 37, 300  # neither a multiple of the blocks
-    w = torch.randn(n, k, generator=g)
-    x = torch.randn(1, 2 * k if silu else k, generator=g)
-    if silu:
-        y, _ = launch(x, w, silu=True)
-        torch.testing.assert_close(y, F.linear(fl.silu_mul_torch(x), w), rtol=1e-5, atol=1e-5)
-    elif norm:
-        res, nw = torch.randn(1, k, generator=g), torch.rand(k, generator=g) + 0.5
-        h, r = fl.add_rmsnorm_torch(x, res.clone(), nw, 1e-5)
-        y, r_out = launch(x, w, residual=res, norm_weight=nw, eps=1e-5)
-        torch.testing.assert_close(r_out, r)
-        torch.testing.assert_close(y, F.linear(h, w), rtol=1e-5, atol=1e-5)
-    else:
-        with torch.inference_mode():
-            torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    w, x = torch.randn(n, k, generator=g), torch.randn(1, k, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)

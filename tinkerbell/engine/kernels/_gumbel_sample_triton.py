@@ -123,16 +123,26 @@ def split_plan(rows: int, vocab: int) -> tuple[int, int]:
     return -(-vocab // chunk), chunk
 
 
-def launch(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def _partials(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor,
+              stats: bool) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The chunk pass: (chunks per row, best score and index per chunk, and with `stats` each chunk's
+    [raw logit at its pick, max, sum of exp])."""
     r, v = logits.shape
-    out = torch.empty(r, dtype=torch.int64, device=logits.device)
-    if not r:
-        return out
     splits, chunk = split_plan(r, v)
     best = torch.empty(r, splits, dtype=torch.float32, device=logits.device)
     idx = torch.empty(r, splits, dtype=torch.int32, device=logits.device)
-    _kernel[(r, splits)](logits, temperatures.float(), keys, best, idx, best, v, logits.stride(0), chunk, splits,
-                         BLOCK=BLOCK, STATS=False, num_warps=4)
+    st = torch.empty(r, splits, 3, dtype=torch.float32, device=logits.device) if stats else None
+    _kernel[(r, splits)](logits, temperatures.float(), keys, best, idx, st if stats else best, v, logits.stride(0),
+                         chunk, splits, BLOCK=BLOCK, STATS=stats, num_warps=4)
+    return splits, best, idx, st
+
+
+def launch(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    r = logits.shape[0]
+    out = torch.empty(r, dtype=torch.int64, device=logits.device)
+    if not r:
+        return out
+    splits, best, idx, _ = _partials(logits, temperatures, keys, stats=False)
     _reduce[(r,)](best, idx, out, splits, S=triton.next_power_of_2(splits), num_warps=1)
     return out
 
@@ -142,7 +152,7 @@ def launch_logprob(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(tokens int64 [R], [token ids; their raw logprobs] float64 [2, R], logsumexp float32 [R]), written into
     `out` when given (a captured graph's static buffers)."""
-    r, v = logits.shape
+    r = logits.shape[0]
     dev = logits.device
     if out is None:
         out = (torch.empty(r, dtype=torch.int64, device=dev), torch.empty(2, r, dtype=torch.float64, device=dev),
@@ -150,12 +160,7 @@ def launch_logprob(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch
     tokens, both, lse = out
     if not r:
         return out
-    splits, chunk = split_plan(r, v)
-    best = torch.empty(r, splits, dtype=torch.float32, device=dev)
-    idx = torch.empty(r, splits, dtype=torch.int32, device=dev)
-    stats = torch.empty(r, splits, 3, dtype=torch.float32, device=dev)
-    _kernel[(r, splits)](logits, temperatures.float(), keys, best, idx, stats, v, logits.stride(0), chunk, splits,
-                         BLOCK=BLOCK, STATS=True, num_warps=4)
+    splits, best, idx, stats = _partials(logits, temperatures, keys, stats=True)
     _reduce_logprob[(r,)](best, idx, stats, tokens, both, lse, both.stride(0), splits,
                           S=triton.next_power_of_2(splits), num_warps=1)
     return out

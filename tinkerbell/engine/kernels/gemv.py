@@ -21,5 +21,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and weight.is_contiguous() and not torch.is_grad_enabled() and use_triton(x)):
         from tinkerbell.engine.kernels._gemv_triton import launch
 
-        return launch(x, weight)[0]
+        return launch(x, weight)
     return F.linear(x, weight, bias)
