@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call for issue 4's sampler figures: the baseline tree (if given) and this tree, same card.
-#   bash bench/device_issue4.sh OUT [BASELINE_DIR]      (PROBE=1 adds decode_probe's kernel breakdowns)
+#   bash bench/device_issue4.sh OUT [BASELINE_DIR]
+# PDL_AB=1 adds this tree's batch-1 step with programmatic dependent launch off and on (TINKERBELL_PDL=0/1);
+# PROBE=1 adds decode_probe's kernel breakdowns; BASE8B=1 the baseline's 8B 256x128/128 run.
 set -u
 SPEED_ARGS=${SPEED_ARGS:-}
 out=${1:?OUT}; base=${2:-}
@@ -11,10 +13,17 @@ if [ -n "$base" ]; then
   PYTHONPATH=$base timeout 150 python3 bench/decode_probe.py --only 2${BASE8B:+3} 2>&1 | grep -v Warn \
     | tee "$out/base.txt"
 fi
+if [ -n "${PDL_AB:-}" ]; then
+  for pdl in 0 1; do
+    echo "== this tree, TINKERBELL_PDL=$pdl: 1B batch-1 step"
+    TINKERBELL_PDL=$pdl PYTHONPATH=. timeout 120 python3 bench/decode_probe.py --only 2 2>&1 | grep -v Warn \
+      | tee "$out/pdl$pdl.txt" | head -30
+  done
+fi
 if [ -n "${PROBE:-}" ]; then
   echo "== this tree: 1B batch-1 step, 8B decode step by kernel"
   PYTHONPATH=. timeout 150 python3 bench/decode_probe.py --only 24 2>&1 | grep -v Warn | tee "$out/new.txt"
 fi
 echo "== this tree: bench/sampling_speed.py (checks, figures, HF peer)"
-PYTHONPATH=. timeout 330 python3 bench/sampling_speed.py --json "$out/report.json" --profile-dir "$out" $SPEED_ARGS 2>&1 \
-  | tee "$out/speed.txt" | tail -40
+PYTHONPATH=. timeout ${SPEED_TIMEOUT:-330} python3 bench/sampling_speed.py --json "$out/report.json" --profile-dir "$out" \
+  $SPEED_ARGS 2>&1 | tee "$out/speed.txt" | tail -40

@@ -287,6 +287,15 @@ def check_greedy(report: dict, quick: bool) -> None:
         report[f"greedy_equal_{mode}"] = f"{sum(equal)}/{len(equal)}"
         report[f"greedy_logprob_max_diff_{mode}"] = lp
         report["checks"][f"greedy {mode} == reference (float32, GPU, adapters, stop tokens)"] = all(equal)
+    # Batch 1 runs every projection through the GEMV (and, on Hopper, the PDL chain): its own check.
+    solo = lambda: [SampleJob(prompt=ps[6], max_tokens=n_new, temperature=0.0, stop_at_eos=False)]  # noqa: E731
+    solo_out = {}
+    for mode in ("reference", "fast async"):
+        sampler = make_sampler(model, torch.float32, fast=mode != "reference", num_blocks=400,
+                               async_decode=mode == "fast async")
+        solo_out[mode], _, _ = drive(sampler, solo())
+    report["checks"]["greedy batch 1 fast async == reference (float32, GPU)"] = (
+        solo_out["reference"][0].sequences[0].tokens == solo_out["fast async"][0].sequences[0].tokens)
     lens = [len(r.sequences[0].tokens) for r in outs["reference"]]
     report["greedy_check_lengths"] = lens
     report["checks"]["greedy check: some rows stop early, async steps ran"] = (

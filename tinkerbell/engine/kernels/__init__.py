@@ -8,10 +8,14 @@ TRITON_INTERPRET=1 before anything imports Triton (its decorators read it) and t
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 RUN_KERNELS_ON_CPU = False
+# Programmatic dependent launch of the decode path's kernels (see _pdl_triton.py); TINKERBELL_PDL=0 turns it off
+# (an A/B switch for benchmarks, read when a kernel is launched or a graph captured).
+PDL = os.environ.get("TINKERBELL_PDL", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,3 +32,16 @@ def use_triton(t: torch.Tensor) -> bool:
     if t.device.type == "cuda":
         return triton_importable()
     return RUN_KERNELS_ON_CPU and triton_importable()
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(t: torch.Tensor) -> bool:
+    """Whether Triton kernels on this tensor's device launch with PDL: on a GPU of compute capability 9.0 or
+    later (never under the CPU interpreter), unless PDL is off."""
+    if not PDL or t.device.type != "cuda":
+        return False
+    return _hopper_or_later(t.device.index if t.device.index is not None else torch.cuda.current_device())

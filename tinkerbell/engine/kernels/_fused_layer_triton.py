@@ -7,10 +7,14 @@ import torch
 import triton
 import triton.language as tl
 
+from tinkerbell.engine.kernels import use_pdl
+from tinkerbell.engine.kernels._pdl_triton import pdl_enter
+
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_r, stride_o,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -33,9 +37,10 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     out = torch.empty(t, n, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     if t:
         res = x if residual is None else residual
+        pdl = use_pdl(x)
         _add_rmsnorm_kernel[(t,)](x, res, weight, out, n, eps, x.stride(0), res.stride(0), out.stride(0),
                                   HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n),
-                                  num_warps=8 if n >= 4096 else 4)
+                                  num_warps=8 if n >= 4096 else 4, PDL=pdl, launch_pdl=pdl)
     return out, (x if residual is None else residual)
 
 
@@ -43,7 +48,8 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
 def _rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, qo_ptr,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
                  stride_cs, stride_ch, stride_ot, stride_oh,
-                 H: tl.constexpr, KVH: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, HALF: tl.constexpr):
+                 H: tl.constexpr, KVH: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, HALF)
     c = tl.load(cos_ptr + t * stride_ct + i).to(tl.float32)
@@ -77,16 +83,18 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     assert k_cache.stride() == v_cache.stride() and cos.stride() == sin.stride()
     assert d & (d - 1) == 0, "head_dim must be a power of two for the Triton RoPE path"
     if t:
+        pdl = use_pdl(q)
         _rope_kernel[(t,)](q, k, v, cos, sin, k_cache, v_cache, slot_mapping, out,
                            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                            cos.stride(0), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
                            H=h, KVH=kvh, HP=triton.next_power_of_2(h), KP=triton.next_power_of_2(kvh),
-                           HALF=d // 2, num_warps=4)
+                           HALF=d // 2, num_warps=4, PDL=pdl, launch_pdl=pdl)
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, N, stride_g, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, N, stride_g, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -104,6 +112,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, n, dtype=gate_up.dtype, device=gate_up.device)
     if t:
         block = 1024
+        pdl = use_pdl(gate_up)
         _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0), out.stride(0),
-                                                     BLOCK=block, num_warps=4)
+                                                     BLOCK=block, num_warps=4, PDL=pdl,
+                                                     launch_pdl=pdl)
     return out

@@ -12,9 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from tinkerbell.engine.kernels import use_pdl
+from tinkerbell.engine.kernels._pdl_triton import pdl_enter
+
 
 @triton.jit
-def _gemv(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -26,6 +30,8 @@ def _gemv(x_ptr, w_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexp
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, 1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
@@ -37,10 +43,13 @@ def config(n: int, k: int) -> tuple[int, int, int, int]:
     return 4, block_k, 4, 4
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, cfg: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """y [1, n] = x [1, k] @ w[n, k].T"""
+def launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, cfg: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """y [1, n] = x [1, k] @ w[n, k].T (+ bias)"""
     n, k = w.shape
     y = torch.empty(1, n, dtype=w.dtype, device=w.device)
     bn, bk, warps, stages = cfg or config(n, k)
-    _gemv[(triton.cdiv(n, bn),)](x, w, y, n, k, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    pdl = use_pdl(x)
+    _gemv[(triton.cdiv(n, bn),)](x, w, bias if bias is not None else w, y, n, k, HAS_BIAS=bias is not None,
+                                 BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                                     PDL=pdl, launch_pdl=pdl)
     return y

@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from tinkerbell.engine.kernels import use_pdl
+from tinkerbell.engine.kernels._pdl_triton import pdl_enter
+
 BLOCK = 1024
 _TARGET_PROGRAMS = 264  # about two programs per SM on an H100 (132 SMs)
 _MAX_SPLITS = 64
@@ -34,7 +37,8 @@ def _mix32(x):
 
 @triton.jit
 def _kernel(logits_ptr, temp_ptr, key_ptr, best_ptr, idx_ptr, stats_ptr, V, stride_r, chunk, splits,
-            BLOCK: tl.constexpr, STATS: tl.constexpr):
+            BLOCK: tl.constexpr, STATS: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     split = tl.program_id(1)
     temp = tl.load(temp_ptr + row)
@@ -96,7 +100,8 @@ def _reduce(best_ptr, idx_ptr, out_ptr, splits, S: tl.constexpr):
 
 @triton.jit
 def _reduce_logprob(best_ptr, idx_ptr, stats_ptr, tok_ptr, both_ptr, lse_ptr, both_stride, splits,
-                    S: tl.constexpr):
+                    S: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     s = tl.arange(0, S)
     mask = s < splits
@@ -131,9 +136,10 @@ def _partials(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tens
     splits, chunk = split_plan(r, v)
     best = torch.empty(r, splits, dtype=torch.float32, device=logits.device)
     idx = torch.empty(r, splits, dtype=torch.int32, device=logits.device)
+    pdl = use_pdl(logits)
     st = torch.empty(r, splits, 3, dtype=torch.float32, device=logits.device) if stats else None
     _kernel[(r, splits)](logits, temperatures.float(), keys, best, idx, st if stats else best, v, logits.stride(0),
-                         chunk, splits, BLOCK=BLOCK, STATS=stats, num_warps=4)
+                         chunk, splits, BLOCK=BLOCK, STATS=stats, num_warps=4, PDL=pdl, launch_pdl=pdl)
     return splits, best, idx, st
 
 
@@ -162,5 +168,6 @@ def launch_logprob(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch
         return out
     splits, best, idx, stats = _partials(logits, temperatures, keys, stats=True)
     _reduce_logprob[(r,)](best, idx, stats, tokens, both, lse, both.stride(0), splits,
-                          S=triton.next_power_of_2(splits), num_warps=1)
+                          S=triton.next_power_of_2(splits), num_warps=1, PDL=use_pdl(logits),
+                          launch_pdl=use_pdl(logits))
     return out

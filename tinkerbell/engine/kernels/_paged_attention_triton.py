@@ -6,12 +6,16 @@ import torch
 import triton
 import triton.language as tl
 
+from tinkerbell.engine.kernels import use_pdl
+from tinkerbell.engine.kernels._pdl_triton import pdl_enter
+
 
 @triton.jit
 def _kernel(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, tok_seq_ptr, tok_ctx_ptr, sm_scale,
             stride_qt, stride_qh, stride_ot, stride_oh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tab,
             GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-            PRECISION: tl.constexpr):
+            PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0)
     kvh = tl.program_id(1)
     seq = tl.load(tok_seq_ptr + t).to(tl.int64)
@@ -50,8 +54,10 @@ def _kernel(q_ptr, k_ptr, v_ptr, o_ptr, tables_ptr, tok_seq_ptr, tok_ctx_ptr, sm
 def _split_kernel(q_ptr, k_ptr, v_ptr, part_ptr, ml_ptr, tables_ptr, tok_seq_ptr, tok_ctx_ptr, sm_scale,
                   stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_tab,
                   GROUP: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, H: tl.constexpr, SPLITS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRECISION: tl.constexpr,
+                  PDL: tl.constexpr):
     """One split of the context of one (token, KV head): unnormalised partial output and its (max, sum)."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -94,7 +100,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, part_ptr, ml_ptr, tables_ptr, tok_seq_ptr
 
 @triton.jit
 def _reduce_kernel(part_ptr, ml_ptr, o_ptr, stride_ot, stride_oh, H: tl.constexpr, SPLITS: tl.constexpr,
-                   D: tl.constexpr):
+                   D: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.arange(0, SPLITS)
@@ -131,6 +138,7 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
     splits = num_splits(t, kvh) if splits is None else splits
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     gp = max(16, triton.next_power_of_2(group))
+    pdl = use_pdl(q)
     if splits > 1:
         part = torch.empty((t, h, splits, d), dtype=torch.float32, device=q.device)
         ml = torch.empty((t, h, splits, 2), dtype=torch.float32, device=q.device)
@@ -138,8 +146,9 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
             q, k_cache, v_cache, part, ml, block_tables, token_seq, token_ctx, d ** -0.5,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             block_tables.stride(0), GROUP=group, GP=gp, D=d, H=h, SPLITS=splits, BLOCK_N=32, PAGE=block_size,
-            PRECISION=precision, num_warps=4)
-        _reduce_kernel[(t, h)](part, ml, out, out.stride(0), out.stride(1), H=h, SPLITS=splits, D=d, num_warps=1)
+            PRECISION=precision, num_warps=4, PDL=pdl, launch_pdl=pdl)
+        _reduce_kernel[(t, h)](part, ml, out, out.stride(0), out.stride(1), H=h, SPLITS=splits, D=d, num_warps=1,
+                                 PDL=pdl, launch_pdl=pdl)
         return out
     _kernel[(t, kvh)](
         q, k_cache, v_cache, out, block_tables, token_seq, token_ctx, d ** -0.5,
@@ -147,6 +156,6 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
         v_cache.stride(0), v_cache.stride(1), block_tables.stride(0),
         GROUP=group, GP=gp, D=d, BLOCK_N=64,
         PAGE=block_size, PRECISION=precision,
-        num_warps=4,
+        num_warps=4, PDL=pdl, launch_pdl=pdl,
     )
     return out

@@ -91,7 +91,7 @@ class Attention(nn.Module):
         if self.tp is not None:
             x = copy_to_tp(x, self.tp)
         if self.qkv is not None:
-            q, k, v = F.linear(x, *self.qkv).split(
+            q, k, v = linear(x, *self.qkv).split(
                 [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -167,7 +167,7 @@ class MLP(nn.Module):
         if self.tp is not None:
             x = copy_to_tp(x, self.tp)
         if self.gate_up is not None:
-            gu = F.linear(x, *self.gate_up)
+            gu = linear(x, *self.gate_up)
             g, u = gu.chunk(2, dim=-1)
         else:
             gu, (g, u) = None, (self.gate_proj(x), self.up_proj(x))
@@ -180,7 +180,7 @@ class MLP(nn.Module):
         else:
             g, u = g2, u2
             h = F.silu(g) * u
-        out = _lora(ctx, p + "down_proj", h, self.down_proj(h))
+        out = _lora(ctx, p + "down_proj", h, linear(h, self.down_proj.weight, self.down_proj.bias))
         return out if self.tp is None else reduce_from_tp(out, self.tp)
 
 
