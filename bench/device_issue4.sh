@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for issue 4's sampler figures: the baseline tree (if given) and this tree, same card.
 #   bash bench/device_issue4.sh OUT [BASELINE_DIR]
-# PDL_AB=1 adds this tree's batch-1 step with programmatic dependent launch off and on (TINKERBELL_PDL=0/1);
+# PDL_AB=1 adds this tree's batch-1 step with programmatic dependent launch off, on, and on with the GEMV's
+# weight prefetch (TINKERBELL_PDL, TINKERBELL_GEMV_PREFETCH);
 # PROBE=1 adds decode_probe's kernel breakdowns; BASE8B=1 the baseline's 8B 256x128/128 run.
 set -u
 SPEED_ARGS=${SPEED_ARGS:-}
@@ -14,10 +15,11 @@ if [ -n "$base" ]; then
     | tee "$out/base.txt"
 fi
 if [ -n "${PDL_AB:-}" ]; then
-  for pdl in 0 1; do
-    echo "== this tree, TINKERBELL_PDL=$pdl: 1B batch-1 step"
-    TINKERBELL_PDL=$pdl PYTHONPATH=. timeout 120 python3 bench/decode_probe.py --only 2 2>&1 | grep -v Warn \
-      | tee "$out/pdl$pdl.txt" | head -30
+  for v in "0 0" "1 0" "1 1"; do
+    set -- $v
+    echo "== this tree, TINKERBELL_PDL=$1 TINKERBELL_GEMV_PREFETCH=$2: 1B batch-1 step"
+    TINKERBELL_PDL=$1 TINKERBELL_GEMV_PREFETCH=$2 PYTHONPATH=. timeout 120 python3 bench/decode_probe.py --only 2 \
+      2>&1 | grep -v Warn | tee "$out/pdl$1$2.txt" | head -30
   done
 fi
 if [ -n "${PROBE:-}" ]; then

@@ -17,7 +17,9 @@ from tinkerbell.engine.kernels import use_triton
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias); a single-row product outside autograd runs the Triton GEMV."""
+    """F.linear(x, weight, bias); a single-row product outside autograd runs the Triton GEMV. On Hopper the GEMV
+    may read `weight` before the previous kernel has finished: pass model weights, not a tensor that the kernel
+    just before computed."""
     if (x.dim() == 2 and x.shape[0] == 1 and x.dtype == weight.dtype and x.is_contiguous()
             and weight.is_contiguous() and (bias is None or bias.is_contiguous()) and not torch.is_grad_enabled()
             and use_triton(x)):
