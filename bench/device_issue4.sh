@@ -3,7 +3,7 @@
 #   bash bench/device_issue4.sh OUT [BASELINE_DIR]
 # PDL_AB=1 adds this tree's batch-1 step with programmatic dependent launch off, on, and on with the GEMV's
 # weight prefetch (TINKERBELL_PDL, TINKERBELL_GEMV_PREFETCH);
-# PROBE=1 adds decode_probe's kernel breakdowns; BASE8B=1 the baseline's 8B 256x128/128 run.
+# NO_SPEED=1 skips the full table; PROBE=1 adds decode_probe's kernel breakdowns; BASE8B=1 the baseline's 8B 256x128/128 run.
 set -u
 SPEED_ARGS=${SPEED_ARGS:-}
 out=${1:?OUT}; base=${2:-}
@@ -26,6 +26,7 @@ if [ -n "${PROBE:-}" ]; then
   echo "== this tree: 1B batch-1 step, 8B decode step by kernel"
   PYTHONPATH=. timeout 150 python3 bench/decode_probe.py --only 24 2>&1 | grep -v Warn | tee "$out/new.txt"
 fi
+[ -n "${NO_SPEED:-}" ] && exit 0
 echo "== this tree: bench/sampling_speed.py (checks, figures, HF peer)"
 PYTHONPATH=. timeout ${SPEED_TIMEOUT:-330} python3 bench/sampling_speed.py --json "$out/report.json" --profile-dir "$out" \
   $SPEED_ARGS 2>&1 | tee "$out/speed.txt" | tail -40
