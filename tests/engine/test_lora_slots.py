@@ -117,6 +117,22 @@ def test_reuse_after_larger_tenant_zeroes_its_tail_and_flags(cfg):
     assert slots.scales[s] == pytest.approx(small.spec.scale)
 
 
+def test_slot_reloaded_after_another_tenant_holds_exactly_the_adapter(cfg):
+    # big → small → big through one slot: the second load of "big" reuses its cached views and must restore
+    # every module "small" zeroed or overwrote.
+    slots = LoraSlots(cfg, max_loras=1, max_lora_rank=8, dtype=torch.float32, device="cpu")
+    big, small = _adapter(cfg, rank=8, seed=3), _adapter(cfg, rank=2, seed=4, train_mlp=False)
+    slots.register("big", big)
+    slots.register("small", small)
+    for key in ("big", "small", "big"):
+        slots.release(slots.acquire(key))
+    s = slots.acquire("big")
+    for k in big.a:
+        assert torch.equal(slots.a[k][s], big.a[k]) and torch.equal(slots.b[k][s], big.b[k])
+        assert slots.present[k][s] == 1
+    assert slots.loads == 3
+
+
 def test_register_without_copy_keeps_the_callers_tensors(cfg):
     slots = LoraSlots(cfg, max_loras=1, max_lora_rank=8, dtype=torch.float32, device="cpu")
     w = _adapter(cfg, rank=4, seed=5)

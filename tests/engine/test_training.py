@@ -272,6 +272,16 @@ def test_snapshot_is_a_detached_copy_in_model_dtype(model):
     assert not all(torch.equal(x, y) for x, y in zip(snap.parameters(), _weights(trainer, "r")))
 
 
+def test_snapshot_after_a_step_has_the_stepped_weights(model):
+    trainer = Trainer(model, CPU)
+    trainer.create("r", LoraSpec(rank=2), seed=0)
+    trainer.snapshot("r")  # the first snapshot keeps views of the masters; later ones must see their updates
+    trainer.forward_backward("r", _data(model.cfg.vocab_size), "cross_entropy", {}, False)
+    trainer.optim_step("r", HP)
+    snap = trainer.snapshot("r")
+    assert all(torch.equal(x, y.detach()) for x, y in zip(snap.parameters(), _weights(trainer, "r")))
+
+
 def test_learning_lowers_the_loss(model, tiny_llama_dir):
     from tinkerbell.engine.models.loader import load_tokenizer
 

@@ -45,6 +45,16 @@ class _Slot:
     view: AdapterWeights | None = None
 
 
+@dataclass
+class _LoadPlan:
+    targeted: list[str]
+    a: dict[str, torch.Tensor]  # the slot's views, rank-sliced
+    b: dict[str, torch.Tensor]
+    dst: list[torch.Tensor]  # every A view, then every B view (the copy's destinations)
+    stale: list[torch.Tensor]  # what a load zeroes: rows past the rank, modules not targeted
+    flags: torch.Tensor  # int32 [modules] on the device: which modules the adapter targets
+
+
 class LoraSlots:
     def __init__(self, cfg: ModelConfig, max_loras: int, max_lora_rank: int, dtype: torch.dtype,
                  device: torch.device | str, shard: ShardInfo | None = None):
@@ -76,6 +86,9 @@ class LoraSlots:
         self._clock = 0
         self._versions = 0
         self.loads = 0
+        # Per (slot, rank, targeted modules): the slot's views and what a load must zero. Built once, since
+        # creating ~450 views per load was most of the trainer→sampler handoff's host time.
+        self._plans: dict[tuple[int, int, tuple[str, ...]], _LoadPlan] = {}
         # Tensor parallel: rank 0 records every (slot, key) load its scheduler makes, so its workers, which
         # never schedule, repeat them before the next op (engine/tp/executor.py). None: not recording.
         self.load_log: list[tuple[int, str]] | None = None
@@ -186,32 +199,36 @@ class LoraSlots:
                 raise EngineUserError(f"adapter_key: could not load adapter {key!r} from {src.path}: {e}") from e
             if self.shard is not None:
                 weights = shard_adapter(weights, self.shard)
-        rank = src.spec.rank
-        view = AdapterWeights(spec=src.spec)
-        keys = list(self.a)
-        targeted = [k for k in keys if k in weights.a]
-        for k in targeted:
-            view.a[k] = self.a[k][slot, :rank]
-            view.b[k] = self.b[k][slot, :, :rank]
+        plan = self._plan(slot, src.spec.rank, tuple(k for k in self.a if k in weights.a))
         # A few multi-tensor launches instead of several per module (~450 for 1B at r32): zero what a previous
         # tenant may have left (a larger rank, more targets), then copy every module's A and B at once.
-        stale = [self.a[k][slot, rank:] for k in targeted] + [self.b[k][slot, :, rank:] for k in targeted]
-        stale += [t[slot] for k in keys if k not in weights.a for t in (self.a[k], self.b[k])]
         with torch.no_grad():
-            stale = [t for t in stale if t.numel()]
-            if stale:
-                torch._foreach_zero_(stale)
-            if targeted:
-                torch._foreach_copy_([view.a[k] for k in targeted] + [view.b[k] for k in targeted],
-                                     [weights.a[k] for k in targeted] + [weights.b[k] for k in targeted])
-            flags = torch.tensor([int(k in weights.a) for k in keys], dtype=torch.int32)
-            self._present[:, slot].copy_(flags.to(self.device, non_blocking=True))
+            if plan.stale:
+                torch._foreach_zero_(plan.stale)
+            if plan.targeted:
+                torch._foreach_copy_(plan.dst, [weights.a[k] for k in plan.targeted] +
+                                     [weights.b[k] for k in plan.targeted])
+            self._present[:, slot].copy_(plan.flags, non_blocking=True)
             self.scales[slot] = src.spec.scale
+        view = AdapterWeights(spec=src.spec, a=dict(plan.a), b=dict(plan.b))
         self.slots[slot] = _Slot(key=key, version=src.version, view=view)
         self._resident[key] = slot
         self.loads += 1
         if self.load_log is not None:
             self.load_log.append((slot, key))
+
+    def _plan(self, slot: int, rank: int, targeted: tuple[str, ...]) -> "_LoadPlan":
+        plan = self._plans.get((slot, rank, targeted))
+        if plan is None:
+            a = {k: self.a[k][slot, :rank] for k in targeted}
+            b = {k: self.b[k][slot, :, :rank] for k in targeted}
+            stale = [self.a[k][slot, rank:] for k in targeted] + [self.b[k][slot, :, rank:] for k in targeted]
+            stale += [t[slot] for k in self.a if k not in targeted for t in (self.a[k], self.b[k])]
+            flags = torch.tensor([int(k in targeted) for k in self.a], dtype=torch.int32).to(self.device)
+            plan = _LoadPlan(targeted=list(targeted), a=a, b=b, dst=list(a.values()) + list(b.values()),
+                             stale=[t for t in stale if t.numel()], flags=flags)
+            self._plans[(slot, rank, targeted)] = plan
+        return plan
 
     def load_as(self, slot: int, key: str) -> None:
         """A tensor-parallel worker repeats a load rank 0's scheduler made. Workers never pin or release, so

@@ -50,6 +50,7 @@ DEFAULT_LOGITS_CHUNK_ELEMS = 2**25
 class _Run:
     weights: AdapterWeights  # fp32 masters, requires_grad
     optimizer: AdamW
+    flat: list[torch.Tensor] | None = None  # 1-D detached views of the masters (snapshot's inputs), built once
 
 
 @dataclass
@@ -159,9 +160,16 @@ class Trainer:
         """A detached copy in the model's dtype (this rank's pieces under tp), for the sampler: views into one
         buffer made by one concatenation and one cast, rather than an allocation, a cast and a copy per tensor
         (~450 launches for 1B at r32)."""
-        w = self._get(run_id).weights
+        run = self._get(run_id)
+        w = run.weights
         src = w.parameters()
-        flat = torch.cat([t.detach().reshape(-1) for t in src]).to(self.model_dtype, copy=True)
+        parts = run.flat
+        if parts is None:
+            parts = [t.detach().reshape(-1) for t in src]
+            # The masters are updated in place, so views of them stay current (a copy of a strided one would not).
+            if all(t.is_contiguous() for t in src):
+                run.flat = parts
+        flat = torch.cat(parts).to(self.model_dtype, copy=True)
         dst = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in src]), src)]
         keys = list(w.a)
         return AdapterWeights(spec=w.spec, a={k: dst[2 * i] for i, k in enumerate(keys)},
