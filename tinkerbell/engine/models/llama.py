@@ -113,7 +113,7 @@ class Attention(nn.Module):
             k = k * c + rotate_half(k) * s
             attn = attend(q, k, v, ctx, self.layer_idx)
         o = attn.reshape(t, cfg.num_heads * cfg.head_dim)
-        out = _lora(ctx, p + "o_proj", o, linear(o, self.o_proj.weight, self.o_proj.bias))
+        out = _lora(ctx, p + "o_proj", o, linear(o, self.o_proj.weight, self.o_proj.bias, wins_alone=True))
         return out if self.tp is None else reduce_from_tp(out, self.tp)
 
 
@@ -309,7 +309,7 @@ class CausalLM(nn.Module):
         autograd: training's vocab-parallel log-softmax reads these, never the gathered logits."""
         if self.tp is not None:
             hidden = copy_to_tp(hidden, self.tp)
-        out = linear(hidden, self.lm_head.weight)
+        out = linear(hidden, self.lm_head.weight, wins_alone=True)
         if ctx is not None and ctx.lora is not None:
             out = ctx.lora.apply("lm_head", hidden, out, row_offset=row_offset)
         return out
