@@ -13,9 +13,9 @@ import os
 import torch
 
 RUN_KERNELS_ON_CPU = False
-# Programmatic dependent launch of the decode path's kernels (see _pdl_triton.py); TINKERBELL_PDL=0 turns it off
-# (an A/B switch for benchmarks, read when a kernel is launched or a graph captured).
-PDL = os.environ.get("TINKERBELL_PDL", "1") != "0"
+# Programmatic dependent launch of the decode path's kernels (see _pdl_triton.py): TINKERBELL_PDL=1 turns it on.
+# Off by default until it has been measured and checked on a GPU (bench/device_issue4.sh PDL_AB=1 does both).
+PDL = os.environ.get("TINKERBELL_PDL", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
