@@ -122,8 +122,8 @@ def step_profile(out: str | None) -> None:
         sampler.blocks.reset()
         total, steps = drive_timed(sampler, [job(512)])
         dec = sorted(t for t, _ in steps[5:])
-        print(f"512 tokens: {511 / (total - steps[0][0]):.0f} tok/s decode; step median {dec[len(dec) // 2] * 1e3:.3f} ms",
-              flush=True)
+        print(f"512 tokens: {511 / (total - steps[0][0]):.0f} tok/s decode; "
+              f"step median {dec[len(dec) // 2] * 1e3:.3f} ms", flush=True)
     sampler.blocks.reset()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         drive_timed(sampler, [job(64)])

@@ -48,7 +48,8 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
 def _rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, qo_ptr,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
                  stride_cs, stride_ch, stride_ot, stride_oh,
-                 H: tl.constexpr, KVH: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
+                 H: tl.constexpr, KVH: tl.constexpr, HP: tl.constexpr, KP: tl.constexpr, HALF: tl.constexpr,
+                 PDL: tl.constexpr):
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, HALF)
