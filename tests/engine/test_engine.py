@@ -109,3 +109,10 @@ def test_a_runs_optim_step_waits_for_its_earlier_forward_backward(engine):
     after = engine.forward_backward("ordered", [d], "cross_entropy", {}, True)
     fb.result(), step.result()
     assert after.result().metrics["loss:sum"] < before  # the step used fb's gradient and ran before `after`
+
+
+def test_a_small_models_engine_thread_runs_its_cpu_ops_on_one_core(engine):
+    # Off the main thread each OpenMP region pays a worker wake-up that a tiny model's ops never earn back.
+    import torch
+
+    assert engine._call(torch.get_num_threads).result(timeout=30) == 1
