@@ -167,7 +167,7 @@ def launch_logprob(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch
     if not r:
         return out
     splits, best, idx, stats = _partials(logits, temperatures, keys, stats=True)
+    pdl = use_pdl(logits)
     _reduce_logprob[(r,)](best, idx, stats, tokens, both, lse, both.stride(0), splits,
-                          S=triton.next_power_of_2(splits), num_warps=1, PDL=use_pdl(logits),
-                          launch_pdl=use_pdl(logits))
+                          S=triton.next_power_of_2(splits), num_warps=1, PDL=pdl, launch_pdl=pdl)
     return out

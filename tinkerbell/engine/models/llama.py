@@ -269,8 +269,9 @@ class CausalLM(nn.Module):
         if fast and table is not None and table.dtype == x.dtype:
             # The fast path's positions are below the sampler's context limit, which sized the table.
             cs = table[ctx.positions(input_ids.device)]
-            return self._fused_hidden_states(x, cs[:, 0], cs[:, 1], ctx)
-        cos, sin = self.rope(ctx.positions(input_ids.device), x.dtype)
+            cos, sin = cs[:, 0], cs[:, 1]
+        else:
+            cos, sin = self.rope(ctx.positions(input_ids.device), x.dtype)
         if fast:
             return self._fused_hidden_states(x, cos, sin, ctx)
         for layer in self.model.layers:
