@@ -38,7 +38,8 @@ from tinkerbell.engine.optimizer import AdamW, check_params, fused_step
 from tinkerbell.engine.tp.group import TPGroup, reduce_from_tp
 from tinkerbell.engine.tp.shard import gather_lora_tensors, norm_owner, shard_adapter, shard_lora_tensor, \
     sync_replicated_grads
-from tinkerbell.engine.training_forward import PackedAttention, TrainLora, hidden_states, packed_positions
+from tinkerbell.engine.training_forward import PackedAttention, hidden_states, packed_positions
+from tinkerbell.engine.training_lora import TrainLora
 from tinkerbell.engine.training_memory import MemoryPlan, plan_memory
 from tinkerbell.engine.types import AdamParams, EngineUserError, ForwardBackwardResult, TrainDatum
 
@@ -95,7 +96,7 @@ class Trainer:
                  logits_chunk_elems: int = DEFAULT_LOGITS_CHUNK_ELEMS, checkpoint_layers: bool | None = None,
                  gpu_paths: bool | None = None, memory: MemoryPlan | None = None, tp: TPGroup | None = None):
         """`checkpoint_layers` None: by the memory plan; `gpu_paths` (None: on CUDA) turns on padded attention
-        and stacked multi-adapter LoRA instead of per-sequence / per-segment loops; `memory`: a fixed plan
+        and the fused multi-adapter LoRA (training_lora.py) instead of per-sequence / per-segment loops; `memory`: a fixed plan
         instead of the measured one (tests); `tp`: the model's tensor-parallel group (default: `model.tp`)."""
         self.model = model
         self.cfg = model.cfg  # the full model's (validation, whole-adapter shapes)
@@ -262,7 +263,7 @@ class Trainer:
                 lora_segments.append(LoraSegment(row, row + n, views[i]))
             row += n
         gpu = self._gpu_paths(dev)
-        ctx = BatchContext(spans=[], lora=TrainLora(lora_segments, stacked=gpu),
+        ctx = BatchContext(spans=[], lora=TrainLora(lora_segments, fused=gpu),
                            position_ids=packed_positions(lengths, dev))
         attend = PackedAttention(lengths, dev, padded=gpu)
         # this micro-batch's (row, id) pairs: a contiguous range of the batch's, shifted to its first row

@@ -1,13 +1,14 @@
-"""The training forward over a packed batch: the model's own layers and weights, with attention over all
-sequences at once on GPU and LoRA computed in the base model's dtype from the fp32 masters.
+"""The training forward over a packed batch: the model's own weights, with attention over all sequences at
+once on GPU, LoRA computed in the base model's dtype from the fp32 masters, and the elementwise work fused.
 
 Why not `CausalLM.hidden_states`: its `attend` loops over the sequences of the batch in Python (one SDPA call
 and one GQA expansion per sequence per layer, in forward, recompute and backward alike), and `LoraBatch` upcasts
 activations to the masters' float32, which on GPU doubles the bytes each LoRA matmul moves and runs it off the
-tensor cores. Here the layer is re-stated around a pluggable attention (`PackedAttention`) and a LoRA applier
-(`TrainLora`) that casts the small adapter matrices down instead of the large activations up; the norms, MLP,
-RoPE and projections are the model's modules, so the same weights load, and CPU tests hold this forward to the
-model's (float32, same sums).
+tensor cores. Here the layer is re-stated around a pluggable attention (`PackedAttention`), a LoRA applier
+(training_lora.TrainLora: one autograd node per fused projection on GPU) and kernels/train_ops.py (RMSNorm with
+the residual add, RoPE of the fused q/k/v output, SiLU·mul: one kernel each way on GPU, the model's own ops on
+CPU); the weights are the model's modules', so the same checkpoints load, and CPU tests hold this forward to
+the model's (float32, same sums).
 """
 
 from __future__ import annotations
@@ -18,80 +19,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tinkerbell.engine.batch import BatchContext
-from tinkerbell.engine.lora import LoraSegment
-from tinkerbell.engine.models.llama import Attention, CausalLM, DecoderLayer, rotate_half
+from tinkerbell.engine.kernels.train_ops import rms_norm, rope_qkv, silu_mul
+from tinkerbell.engine.models.llama import MLP, Attention, CausalLM, DecoderLayer
 from tinkerbell.engine.tp.group import copy_to_tp, reduce_from_tp
 
 # Padded attention groups sequences whose padded cost (count × longest²) stays within this factor of their
 # unpadded cost (Σ length²), so a batch of equal lengths is one SDPA call and a ragged batch only a few.
 PAD_SLACK = 1.5
-
-
-class TrainLora:
-    """`ctx.lora` for training: rows [start, end) use their segment's adapter, computed in the activations'
-    dtype (bf16 on GPU) with autograd flowing through the cast to the fp32 masters.
-
-    A segment that covers every row (one run's batch) adds its delta with no concatenation. With several
-    segments, `stacked` (the GPU path) concatenates their A's along the rank (and B's to match) and runs two
-    matmuls for all of them, zeroing each row's product outside its own adapter's columns by a mask that also
-    carries each adapter's scale: a few launches whatever the number of runs, for Σ rank extra columns of work,
-    instead of a handful of small launches per run per module. Unstacked is the per-segment reference."""
-
-    def __init__(self, segments: list[LoraSegment], stacked: bool = False):
-        self.segments = [s for s in segments if s.weights is not None]
-        self.stacked = stacked and len(self.segments) > 1
-        self._masks: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def apply(self, key: str, x: torch.Tensor, out: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
-        n = x.shape[0]
-        live = [i for i, seg in enumerate(self.segments) if key in seg.weights.a
-                and min(seg.end - row_offset, n) > max(seg.start - row_offset, 0)]
-        if not live:
-            return out
-        if self.stacked and len(live) > 1:
-            return self._apply_stacked(key, x, out, row_offset, live)
-        parts: list[tuple[int, int, torch.Tensor]] = []
-        for i in live:
-            seg = self.segments[i]
-            w = seg.weights
-            s, e = max(seg.start - row_offset, 0), min(seg.end - row_offset, n)
-            a, b = w.a[key].to(x.dtype), w.b[key].to(x.dtype)
-            parts.append((s, e, (x[s:e] @ a.t()) @ b.t() * w.spec.scale))
-        if len(parts) == 1 and parts[0][0] == 0 and parts[0][1] == n:
-            return out + parts[0][2].to(out.dtype)
-        pieces, cursor = [], 0
-        for s, e, delta in parts:
-            if s > cursor:
-                pieces.append(delta.new_zeros(s - cursor, delta.shape[1]))
-            pieces.append(delta)
-            cursor = e
-        if cursor < n:
-            pieces.append(pieces[-1].new_zeros(n - cursor, pieces[-1].shape[1]))
-        return out + torch.cat(pieces).to(out.dtype)
-
-    def _apply_stacked(self, key: str, x: torch.Tensor, out: torch.Tensor, row_offset: int,
-                       live: list[int]) -> torch.Tensor:
-        segs = [self.segments[i] for i in live]
-        a = torch.cat([s.weights.a[key] for s in segs]).to(x.dtype)  # [Σr, in]
-        b = torch.cat([s.weights.b[key] for s in segs], dim=1).to(x.dtype)  # [out, Σr]
-        mask = self._mask(tuple(live), x.dtype, x.device)[row_offset:row_offset + x.shape[0]]
-        return out + (((x @ a.t()) * mask) @ b.t()).to(out.dtype)
-
-    def _mask(self, live: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """[rows of the batch, Σ rank]: each adapter's scale on its own rows and columns, zero elsewhere."""
-        mask = self._masks.get(live)
-        if mask is None:
-            segs = [self.segments[i] for i in live]
-            rows = max(s.end for s in self.segments)
-            host = np.zeros((rows, sum(s.weights.spec.rank for s in segs)), np.float32)
-            col = 0
-            for s in segs:
-                r = s.weights.spec.rank
-                host[s.start:s.end, col:col + r] = s.weights.spec.scale
-                col += r
-            mask = torch.from_numpy(host).to(device=device, dtype=dtype)
-            self._masks[live] = mask
-        return mask
 
 
 class PackedAttention:
@@ -161,9 +95,12 @@ class PackedAttention:
                 return rows.view(b, lmax, t.shape[1], t.shape[2]).transpose(1, 2)
 
             kb, vb = batched(k), batched(v)
-            if groups > 1:
+            if groups > 1 and not q.is_cuda:
                 kb, vb = kb.repeat_interleave(groups, dim=1), vb.repeat_interleave(groups, dim=1)
-            o = F.scaled_dot_product_attention(batched(q), kb, vb, is_causal=True)
+            # On GPU the flash kernel reads each K/V head for its query group itself (no expanded copies,
+            # forward or backward).
+            o = F.scaled_dot_product_attention(batched(q), kb, vb, is_causal=True,
+                                               enable_gqa=groups > 1 and q.is_cuda)
             o = o.transpose(1, 2).reshape(b * lmax, q.shape[1], q.shape[2])
             outs.append(o if keep is None else o.index_select(0, keep))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
@@ -178,28 +115,36 @@ def _attention(m: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     t = x.shape[0]
     if m.tp is not None:
         x = copy_to_tp(x, m.tp)
-    if m.qkv is not None:
-        q, k, v = F.linear(x, *m.qkv).split([m.q_proj.out_features, m.k_proj.out_features,
-                                             m.v_proj.out_features], dim=-1)
-    else:
-        q, k, v = m.q_proj(x), m.k_proj(x), m.v_proj(x)
-    q = lora.apply(p + "q_proj", x, q).view(t, cfg.num_heads, cfg.head_dim)
-    k = lora.apply(p + "k_proj", x, k).view(t, cfg.num_kv_heads, cfg.head_dim)
-    v = lora.apply(p + "v_proj", x, v).view(t, cfg.num_kv_heads, cfg.head_dim)
+    base = F.linear(x, *m.qkv) if m.qkv is not None else torch.cat([m.q_proj(x), m.k_proj(x), m.v_proj(x)], -1)
+    qkv = lora.add((p + "q_proj", p + "k_proj", p + "v_proj"), x, base)
     if cfg.qk_norm:
-        q, k = m.q_norm(q), m.k_norm(k)
-    c, s = cos[:, None, :], sin[:, None, :]
-    q = q * c + rotate_half(q) * s
-    k = k * c + rotate_half(k) * s
+        q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                             cfg.num_kv_heads * cfg.head_dim], dim=-1)
+        q = m.q_norm(q.view(t, cfg.num_heads, cfg.head_dim))
+        k = m.k_norm(k.view(t, cfg.num_kv_heads, cfg.head_dim))
+        qkv = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v], dim=-1)
+    q, k, v = rope_qkv(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     o = attend(q, k, v).reshape(t, cfg.num_heads * cfg.head_dim)
-    out = lora.apply(p + "o_proj", o, m.o_proj(o))
+    out = lora.apply(p + "o_proj", o, F.linear(o, m.o_proj.weight, m.o_proj.bias))
+    return out if m.tp is None else reduce_from_tp(out, m.tp)
+
+
+def _mlp(m: MLP, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
+    p, lora = m.prefix, ctx.lora
+    if m.tp is not None:
+        x = copy_to_tp(x, m.tp)
+    base = F.linear(x, *m.gate_up) if m.gate_up is not None else torch.cat([m.gate_proj(x), m.up_proj(x)], -1)
+    h = silu_mul(lora.add((p + "gate_proj", p + "up_proj"), x, base))
+    out = lora.apply(p + "down_proj", h, F.linear(h, m.down_proj.weight, m.down_proj.bias))
     return out if m.tp is None else reduce_from_tp(out, m.tp)
 
 
 def layer_forward(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: BatchContext,
                   attend: PackedAttention) -> torch.Tensor:
-    x = x + _attention(layer.self_attn, layer.input_layernorm(x), cos, sin, ctx, attend)
-    return x + layer.mlp(layer.post_attention_layernorm(x), ctx)
+    n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+    h, _ = rms_norm(x, n1.weight, n1.eps)
+    h, x = rms_norm(_attention(layer.self_attn, h, cos, sin, ctx, attend), n2.weight, n2.eps, residual=x)
+    return x + _mlp(layer.mlp, h, ctx)
 
 
 def packed_positions(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -219,4 +164,5 @@ def hidden_states(model: CausalLM, input_ids: torch.Tensor, ctx: BatchContext, a
             x = checkpoint(layer_forward, layer, x, cos, sin, ctx, attend, use_reentrant=False)
         else:
             x = layer_forward(layer, x, cos, sin, ctx, attend)
-    return model.model.norm(x)
+    norm = model.model.norm
+    return rms_norm(x, norm.weight, norm.eps)[0]

@@ -19,7 +19,8 @@ import torch
 
 from tinkerbell.engine.batch import BatchContext
 from tinkerbell.engine.models.llama import CausalLM
-from tinkerbell.engine.training_forward import PackedAttention, TrainLora, layer_forward, packed_positions
+from tinkerbell.engine.training_forward import PackedAttention, layer_forward, packed_positions
+from tinkerbell.engine.training_lora import TrainLora
 
 CPU_BUDGET_BYTES = 8 * 2**30
 GPU_RESERVE_BYTES = 2 * 2**30  # the sampler's transient activations and allocator slack

@@ -1,0 +1,79 @@
+"""The fused multi-adapter LoRA of training (training_lora.py) computes what the per-segment reference computes:
+outputs, the input's gradient and every master's gradient, accumulated over calls (float32)."""
+
+from __future__ import annotations
+
+import torch
+
+from tinkerbell.engine.lora import AdapterWeights, LoraSegment, LoraSpec
+from tinkerbell.engine.training_lora import TrainLora
+
+KEYS = ("q", "k", "v")
+WIDTHS = {"q": 12, "k": 4, "v": 4}
+
+
+def _adapter(rank: int, keys: tuple[str, ...], seed: int) -> AdapterWeights:
+    g = torch.Generator().manual_seed(seed)
+    w = AdapterWeights(spec=LoraSpec(rank=rank, alpha=rank * (1 + seed)))
+    for k in keys:
+        w.a[k] = torch.randn(rank, 10, generator=g).requires_grad_(True)
+        w.b[k] = torch.randn(WIDTHS[k], rank, generator=g).requires_grad_(True)
+    return w
+
+
+def _clone(w: AdapterWeights) -> AdapterWeights:
+    return AdapterWeights(spec=w.spec, a={k: t.detach().clone().requires_grad_(True) for k, t in w.a.items()},
+                          b={k: t.detach().clone().requires_grad_(True) for k, t in w.b.items()})
+
+
+def _run(adapters: list[AdapterWeights], bounds: list[tuple[int, int]], fused: bool, x0: torch.Tensor,
+         base0: torch.Tensor, calls: int, row_offset: int = 0) -> torch.Tensor:
+    """`calls` forward/backward passes of a fused q/k/v projection; returns the last input gradient."""
+    lora = TrainLora([LoraSegment(s, e, w) for (s, e), w in zip(bounds, adapters)], fused=fused)
+    for i in range(calls):
+        x = x0.clone().requires_grad_(True)
+        out = lora.add(KEYS, x, base0.clone(), row_offset=row_offset)
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(10 + i))
+        (out * upstream).sum().backward()
+    return out.detach(), x.grad
+
+
+def test_fused_lora_equals_reference_across_runs_ranks_and_missing_modules():
+    """Three runs of ranks 2, 4, 3 over ragged rows, one of them without a v adapter, a gap of rows no run
+    adapts, and two calls (the second accumulates into the masters' gradients)."""
+    adapters = [_adapter(2, KEYS, 0), _adapter(4, ("q", "k"), 1), _adapter(3, KEYS, 2)]
+    bounds = [(0, 3), (3, 8), (10, 13)]
+    g = torch.Generator().manual_seed(5)
+    x0, base0 = torch.randn(13, 10, generator=g), torch.randn(13, 20, generator=g)
+    ref = [_clone(w) for w in adapters]
+    want_out, want_dx = _run(ref, bounds, False, x0, base0, calls=2)
+    got_out, got_dx = _run(adapters, bounds, True, x0, base0, calls=2)
+    assert torch.allclose(got_out, want_out, atol=1e-5) and torch.allclose(got_dx, want_dx, atol=1e-5)
+    for w, r in zip(adapters, ref):
+        for got, want in zip(w.parameters(), r.parameters()):
+            assert torch.allclose(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_lora_on_a_row_chunk_of_one_run_uses_its_scale():
+    """The LM head's chunks: rows [4, 9) of a run that spans the whole batch, addressed by row offset."""
+    w = _adapter(3, KEYS, 3)
+    ref = _clone(w)
+    g = torch.Generator().manual_seed(6)
+    x0, base0 = torch.randn(5, 10, generator=g), torch.randn(5, 20, generator=g)
+    want_out, want_dx = _run([ref], [(0, 12)], False, x0, base0, calls=1, row_offset=4)
+    got_out, got_dx = _run([w], [(0, 12)], True, x0, base0, calls=1, row_offset=4)
+    assert torch.allclose(got_out, want_out, atol=1e-5) and torch.allclose(got_dx, want_dx, atol=1e-5)
+    for got, want in zip(w.parameters(), ref.parameters()):
+        assert torch.allclose(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_lora_leaves_a_frozen_runs_tensors_without_gradient():
+    """A forward-only run's adapter enters as detached views: it adds its delta but gets no gradient."""
+    trained, frozen = _adapter(2, KEYS, 0), _adapter(2, KEYS, 1)
+    views = AdapterWeights(spec=frozen.spec, a={k: t.detach() for k, t in frozen.a.items()},
+                           b={k: t.detach() for k, t in frozen.b.items()})
+    g = torch.Generator().manual_seed(7)
+    _run([trained, views], [(0, 2), (2, 5)], True, torch.randn(5, 10, generator=g), torch.randn(5, 20, generator=g),
+         calls=1)
+    assert all(t.grad is not None for t in trained.parameters())
+    assert all(t.grad is None for t in frozen.parameters())
