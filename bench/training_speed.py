@@ -375,6 +375,8 @@ def main() -> int:
                 p = o[key]
                 print(f"{name:14} {label:24} wall {p['wall_s'] * 1e3:.0f} ms, GPU busy "
                       f"{p['gpu_busy_s'] * 1e3:.0f} ms, {p['kernels']} kernels")
+                for kernel, ms, count in p["top"][:8]:
+                    print(f"{'':16}{ms:8.1f} ms {count:5}x  {kernel}")
         print(f"{name:14} {'handoff (snap+slot)':24} {o['handoff_ms']:8.2f}ms  snapshot alone {o['snapshot_ms']:.2f} ms")
         for peer in ("peft", "peft+liger"):
             m = r.get(peer)
