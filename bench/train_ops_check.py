@@ -89,6 +89,13 @@ def main() -> int:
     ok &= run(lambda dt: [torch.randn(t, 2 * inter, device=dev, generator=g, dtype=dt).requires_grad_(True)],
               train_ops.silu_mul, train_ops.silu_mul_torch, "SiLU·mul", rows)
 
+    vocab, chunk = 128256, 261  # one of the Trainer's logits chunks (2^25 elements)
+    rows_t = torch.arange(chunk, device=dev)
+    ids_t = torch.randint(0, vocab, (chunk,), device=dev, generator=g)
+    ok &= run(lambda dt: [(torch.randn(chunk, vocab, device=dev, generator=g) * 3).to(dt).requires_grad_(True)],
+              lambda x: train_ops.target_logprobs(x, rows_t, ids_t),
+              lambda x: train_ops.target_logprobs_torch(x, rows_t, ids_t), "target logprobs (chunk)", rows)
+
     # LoRA r32 on gate/up of one run and of 8 runs (1k rows each), fused vs per-segment reference.
     for runs in (1, 8):
         adapters = []

@@ -79,3 +79,15 @@ def test_silu_mul_and_its_gradient_equal_the_reference(backend):  # noqa: F811
     got = train_ops.silu_mul(gu)
     assert torch.allclose(got, want, atol=1e-6)
     assert torch.allclose(_grads(got, [gu], 6)[0], _grads(want, [gu], 6)[0], atol=1e-5)
+
+
+def test_target_logprobs_and_their_gradient_equal_log_softmax(backend):  # noqa: F811
+    """Rows with several targets, a row with none, a vocabulary that is not a multiple of the kernel's block."""
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(4, 5000, generator=g) * 4).requires_grad_(True)
+    rows = torch.tensor([0, 0, 1, 3, 3, 3])
+    ids = torch.tensor([7, 4999, 0, 12, 12, 4096])
+    want = logits.log_softmax(-1)[rows, ids]
+    got = train_ops.target_logprobs(logits, rows, ids)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(_grads(got, [logits], 9)[0], _grads(want, [logits], 9)[0], atol=1e-6)

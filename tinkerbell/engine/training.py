@@ -33,6 +33,7 @@ from tinkerbell.engine.adapter_io import load_peft, save_peft
 from tinkerbell.engine.batch import BatchContext
 from tinkerbell.engine.lora import AdapterWeights, LoraSegment, LoraSpec, module_shape
 from tinkerbell.engine.losses import LossConfig, LossFn, flat_inputs, resolve, validate
+from tinkerbell.engine.kernels.train_ops import target_logprobs
 from tinkerbell.engine.models.llama import CausalLM
 from tinkerbell.engine.optimizer import AdamW, check_params, fused_step
 from tinkerbell.engine.tp.group import TPGroup, reduce_from_tp
@@ -342,8 +343,7 @@ class Trainer:
                         ids: torch.Tensor) -> torch.Tensor:
         if self.tp is not None and self.tp.world > 1:  # one rank's logits are the whole vocabulary
             return self._chunk_logprobs_tp(hidden, ctx, row_offset, local_rows, ids)
-        logits = self.model.logits(hidden, ctx, row_offset=row_offset).float()
-        return logits[local_rows, ids] - torch.logsumexp(logits, dim=-1)[local_rows]
+        return target_logprobs(self.model.logits(hidden, ctx, row_offset=row_offset), local_rows, ids)
 
     def _chunk_logprobs_tp(self, hidden: torch.Tensor, ctx: BatchContext, row_offset: int,
                            local_rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -145,3 +145,53 @@ def silu_mul_bwd(gu: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
         _silu_mul_bwd_kernel[(t, triton.cdiv(n, block))](gu, dh, dgu, n, gu.stride(0), dh.stride(0),
                                                           dgu.stride(0), BLOCK=block, num_warps=4)
     return dgu
+
+
+@triton.jit
+def _row_lse_kernel(x_ptr, lse_ptr, V, stride_x, BLOCK: tl.constexpr):
+    # One row's log-sum-exp in one pass over the vocabulary (running max and rescaled sum), in float32.
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * stride_x
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        new_m = tl.maximum(m, x)
+        # lanes still at -inf (nothing seen yet) keep a zero sum instead of exp(nan)
+        acc = tl.where(new_m == float("-inf"), 0.0, acc * tl.exp(m - new_m) + tl.exp(x - new_m))
+        m = new_m
+    top = tl.max(m, 0)
+    total = tl.sum(tl.where(m == float("-inf"), 0.0, acc * tl.exp(m - top)), 0)
+    tl.store(lse_ptr + row, top + tl.log(total))
+
+
+@triton.jit
+def _softmax_scale_kernel(x_ptr, lse_ptr, g_ptr, out_ptr, V, stride_x, stride_o, BLOCK: tl.constexpr):
+    # out[row] = g[row] · softmax(x[row]): the gradient of g · logsumexp, written in the logits' dtype.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < V
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.load(lse_ptr + row)) * tl.load(g_ptr + row)
+    tl.store(out_ptr + row * stride_o + cols, p.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp of each row of x [R, V] (any float dtype), float32 [R]."""
+    r, v = x.shape
+    lse = torch.empty(r, dtype=torch.float32, device=x.device)
+    if r:
+        _row_lse_kernel[(r,)](x, lse, v, x.stride(0), BLOCK=4096, num_warps=8)
+    return lse
+
+
+def softmax_scale(x: torch.Tensor, lse: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """g[:, None] · softmax(x) in x's dtype, from the forward's logsumexp (float32 [R]) and g (float32 [R])."""
+    r, v = x.shape
+    out = torch.empty_like(x)
+    if r:
+        block = 4096
+        _softmax_scale_kernel[(r, triton.cdiv(v, block))](x, lse, g, out, v, x.stride(0), out.stride(0),
+                                                          BLOCK=block, num_warps=8)
+    return out

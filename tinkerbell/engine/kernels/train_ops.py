@@ -1,5 +1,5 @@
 """The training layer's elementwise work with hand-written backwards: RMSNorm (with the residual add), RoPE
-of the fused q/k/v projection, SiLU·mul.
+of the fused q/k/v projection, SiLU·mul, and the log-probabilities of target tokens from a chunk of logits.
 
 In eager torch these are chains of float32 elementwise kernels, each reading and writing full [tokens, width]
 tensors, and autograd keeps their intermediates and replays the chain backwards: on the 1B model at 8k tokens
@@ -135,3 +135,39 @@ class _SiluMul(torch.autograd.Function):
 
         (gate_up,) = ctx.saved_tensors
         return silu_mul_bwd(gate_up, dh if dh.stride(-1) == 1 else dh.contiguous())
+
+
+def target_logprobs(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[rows, ids] in float32, for logits [R, V] in the model's dtype. The torch form copies
+    the logits to float32 and autograd keeps and replays several [R, V] float32 tensors; the kernels read the
+    logits once forward (a one-pass logsumexp per row) and once backward (softmax times the row's gradient,
+    written straight in the logits' dtype)."""
+    if use_triton(logits) and logits.stride(-1) == 1:
+        return _TargetLogprobs.apply(logits, rows, ids)
+    return target_logprobs_torch(logits, rows, ids)
+
+
+def target_logprobs_torch(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits[rows, ids] - torch.logsumexp(logits, dim=-1)[rows]
+
+
+class _TargetLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, rows, ids):
+        from tinkerbell.engine.kernels._train_ops_triton import row_logsumexp
+
+        lse = row_logsumexp(logits)
+        ctx.save_for_backward(logits, lse, rows, ids)
+        return logits[rows, ids].float() - lse[rows]
+
+    @staticmethod
+    def backward(ctx, d_lp):
+        from tinkerbell.engine.kernels._train_ops_triton import softmax_scale
+
+        logits, lse, rows, ids = ctx.saved_tensors
+        # d/dlogits of lp = onehot(row, id) − softmax(row), summed over the row's target pairs
+        per_row = torch.zeros_like(lse).index_add_(0, rows, d_lp.float())
+        grad = softmax_scale(logits, lse, per_row.neg_())
+        grad.index_put_((rows, ids), d_lp.to(grad.dtype), accumulate=True)
+        return grad, None, None
