@@ -189,6 +189,8 @@ def _accumulate(ctx, layout: _Layout, g_a: torch.Tensor, g_b: list[torch.Tensor]
     copy; later ones: one multi-tensor add for all). Tensors that need no gradient (forward-only runs' detached
     views) are skipped."""
     masters = ctx.masters
+    dtype = masters[0].dtype  # the fp32 masters: one cast per stacked gradient, not one per run and module
+    g_a, g_b = g_a.to(dtype), [g.to(dtype) for g in g_b]
     dst, src = [], []
     row, mi = 0, 0
     for j, (width, segs) in enumerate(layout.modules):
@@ -201,7 +203,6 @@ def _accumulate(ctx, layout: _Layout, g_a: torch.Tensor, g_b: list[torch.Tensor]
                                (b_m, gbj[:, bcol:bcol + r], masters_need[2 * mi + 1])):
                 if not need:
                     continue
-                g = g.to(m.dtype)
                 if m.grad is None:
                     m.grad = g
                 else:
