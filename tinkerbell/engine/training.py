@@ -222,9 +222,14 @@ class Trainer:
         cap, checkpointed = plan.microbatch_tokens(total)
         if self.checkpoint_layers is not None:
             checkpointed = self.checkpoint_layers
+        # Keep each logits chunk for the backward (instead of rebuilding it: one LM-head matmul less) where the
+        # budget holds them all. Not under tp: there the rebuild runs collectives, and ranks could disagree.
+        rows = min(total, cap)
+        keep_logits = (self._gpu_paths(self.model_device) and (self.tp is None or self.tp.world == 1)
+                       and plan.spare_bytes(rows, checkpointed) >= rows * self.local_vocab * self.model_dtype.itemsize)
         lp_parts, loss_parts = [], []
         for items in _split(segments, cap):
-            lp, loss = self._micro_batch(segments, views, targets, items, checkpointed)
+            lp, loss = self._micro_batch(segments, views, targets, items, checkpointed, keep_logits)
             lp_parts.append(lp)
             loss_parts.append(loss)
         # One device-to-host copy per micro-batch, then split per datum and per segment on the host.
@@ -247,7 +252,8 @@ class Trainer:
         return results
 
     def _micro_batch(self, segments: list[TrainSegment], views: list[AdapterWeights], targets: _Targets,
-                     items: list[tuple[int, int, int]], checkpointed: bool) -> tuple[np.ndarray, np.ndarray]:
+                     items: list[tuple[int, int, int]], checkpointed: bool,
+                     keep_logits: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Forward (and backward) of datums `items` ((segment, first datum, end datum), in batch order); returns
         their flat logprobs and elementwise losses on the host."""
         dev = self.model_device
@@ -277,7 +283,7 @@ class Trainer:
 
         with torch.set_grad_enabled(need_grad):
             hidden = hidden_states(self.model, ids, ctx, attend, need_grad and checkpointed)
-            lp_flat = self._target_logprobs(hidden, ctx, local)
+            lp_flat = self._target_logprobs(hidden, ctx, local, rebuild=not keep_logits)
             losses, to_backprop, at = [], [], 0
             for i, d0, d1 in items:
                 seg = segments[i]
@@ -320,9 +326,11 @@ class Trainer:
         datum_rows = np.cumsum([0] + [len(d.tokens) for s in segments for d in s.data])
         return _Targets(np.concatenate(rows), np.concatenate(ids), spans, first_datum, datum_rows)
 
-    def _target_logprobs(self, hidden: torch.Tensor, ctx: BatchContext, targets: _Targets) -> torch.Tensor:
-        """log_softmax(logits)[row, id] for every target pair, [chunk, vocab] logits at a time. With autograd on,
-        each chunk runs under checkpointing: only its hidden rows are kept, its logits are rebuilt in backward."""
+    def _target_logprobs(self, hidden: torch.Tensor, ctx: BatchContext, targets: _Targets,
+                         rebuild: bool = True) -> torch.Tensor:
+        """log_softmax(logits)[row, id] for every target pair, [chunk, vocab] logits at a time. With autograd on
+        and `rebuild`, each chunk runs under checkpointing: only its hidden rows are kept, its logits are rebuilt
+        in backward; without, autograd keeps each chunk's logits (model dtype) until the backward."""
         total_rows = hidden.shape[0]
         starts = np.arange(0, total_rows, self.chunk_rows)
         bounds = np.searchsorted(targets.rows, np.append(starts, total_rows))
@@ -333,7 +341,7 @@ class Trainer:
             r1 = min(r0 + self.chunk_rows, total_rows)
             a, b = int(bounds[i]), int(bounds[i + 1])
             args = (hidden[r0:r1], ctx, r0, rows[a:b] - r0, ids[a:b])
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and rebuild:
                 pieces.append(checkpoint(self._chunk_logprobs, *args, use_reentrant=False))
             else:
                 pieces.append(self._chunk_logprobs(*args))

@@ -41,12 +41,19 @@ class MemoryPlan:
     other_bytes_per_token: float  # embeddings, final norm, hidden-state gradient, per-target scalars
     num_layers: int
 
-    def max_tokens(self, checkpointed: bool) -> int:
+    def bytes_per_token(self, checkpointed: bool) -> float:
         if checkpointed:
             per = self.num_layers * self.checkpoint_bytes_per_token + self.layer_bytes_per_token
         else:
             per = self.num_layers * self.layer_bytes_per_token
-        return max(1, int(self.budget_bytes // (per + self.other_bytes_per_token)))
+        return per + self.other_bytes_per_token
+
+    def max_tokens(self, checkpointed: bool) -> int:
+        return max(1, int(self.budget_bytes // self.bytes_per_token(checkpointed)))
+
+    def spare_bytes(self, tokens: int, checkpointed: bool) -> float:
+        """What a micro-batch of `tokens` leaves of the budget."""
+        return self.budget_bytes - tokens * self.bytes_per_token(checkpointed)
 
     @property
     def max_sequence_tokens(self) -> int:
