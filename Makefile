@@ -7,8 +7,14 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 # Extra arguments for pytest, e.g. make test PYTEST_ARGS="-k sampling -x"
 PYTEST_ARGS ?=
+# The Triton kernels' tests run through Triton's CPU interpreter (no GPU needed) with this Triton, installed
+# into its own folder so it never touches the venv's torch (a CUDA torch pins its own Triton).
+TRITON_INTERP_PIN ?= triton==3.6.0
+TRITON_INTERP_DIR ?= .triton-interp
+KERNEL_TESTS := tests/engine/test_kernels.py tests/engine/test_fused_layer.py tests/engine/test_llada_model.py \
+	tests/engine/test_train_ops.py
 
-.PHONY: install serve test clean
+.PHONY: install serve test test-kernels clean
 
 install: $(STAMP)
 
@@ -24,6 +30,12 @@ serve: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-kernels
+
+test-kernels: install
+	@[ -f $(TRITON_INTERP_DIR)/.installed ] || { $(BIN)/python -m pip install --quiet --no-deps \
+		--target $(TRITON_INTERP_DIR) $(TRITON_INTERP_PIN) && touch $(TRITON_INTERP_DIR)/.installed; }
+	TRITON_INTERPRET=1 PYTHONPATH=$(TRITON_INTERP_DIR) $(BIN)/python -m pytest -q $(KERNEL_TESTS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TRITON_INTERP_DIR) .pytest_cache build *.egg-info
