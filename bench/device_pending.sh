@@ -13,6 +13,7 @@ PDL_AB=1 NO_SPEED=1 bash bench/device_issue4.sh "$out"
 echo "== PDL on: kernel and greedy checks (quick)"
 TINKERBELL_PDL=1 PYTHONPATH=. timeout 120 python3 bench/sampling_speed.py --quick --skip-8b --skip-hf \
   --json "$out/pdl_checks.json" 2>&1 | tee "$out/pdl_checks.txt" | grep -E "PASS|FAIL|tok/s" | head -30
+[ -n "${NO_TRAIN:-}" ] && exit 0  # NO_TRAIN=1: bench/device_training.sh covers the training run
 echo "== training 1B (handoff, tokens/s, profile)"
 PYTHONPATH=. timeout 180 python3 bench/training_speed.py --models Llama-3.2-1B --no-peers --iters 3 2>&1 \
   | grep -v Warn | tee "$out/training.txt" | tail -30
