@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from tinkerbell.engine import training_lora
 from tinkerbell.engine.batch import BatchContext
 from tinkerbell.engine.lora import LoraBatch, LoraSegment, LoraSpec
 from tinkerbell.engine.losses import LOSSES, LossConfig
@@ -129,13 +130,18 @@ def _small_plan(tokens: int) -> MemoryPlan:
                       other_bytes_per_token=0, num_layers=2)
 
 
-@pytest.mark.parametrize("gpu_paths, plan", [(False, None), (True, None), (True, 9), (False, 9)],
-                         ids=["reference", "gpu-paths", "gpu-paths-microbatched", "microbatched"])
-def test_packed_runs_equal_separate_calls(model, gpu_paths, plan):
+@pytest.mark.parametrize("gpu_paths, plan, per_run_lora",
+                         [(False, None, False), (True, None, False), (True, None, True), (True, 9, False),
+                          (False, 9, False)],
+                         ids=["reference", "gpu-paths", "gpu-paths-per-run-lora", "gpu-paths-microbatched",
+                              "microbatched"])
+def test_packed_runs_equal_separate_calls(model, monkeypatch, gpu_paths, plan, per_run_lora):
     """Several runs in one batch (the engine's path) give each run what its own call would: logprobs, losses,
     gradients and updated weights (float32, 1e-5 relative). Also with the GPU paths (padded attention over
     ragged lengths, stacked LoRA of different ranks) and with the batch split into micro-batches that cut
     requests apart (gradients accumulate across them), both run here on the CPU."""
+    if per_run_lora:  # each run's rows through its own adapter's matmuls (the GPU path for long requests)
+        monkeypatch.setattr(training_lora, "SEGMENT_MIN_ROWS", 1)
     vocab = model.cfg.vocab_size
     memory = _small_plan(plan) if plan else None
     packed = Trainer(model, CPU, logits_chunk_elems=5 * vocab, gpu_paths=gpu_paths, memory=memory)

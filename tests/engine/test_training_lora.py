@@ -3,8 +3,10 @@ outputs, the input's gradient and every master's gradient, accumulated over call
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from tinkerbell.engine import training_lora
 from tinkerbell.engine.lora import AdapterWeights, LoraSegment, LoraSpec
 from tinkerbell.engine.training_lora import TrainLora
 
@@ -38,9 +40,12 @@ def _run(adapters: list[AdapterWeights], bounds: list[tuple[int, int]], fused: b
     return out.detach(), x.grad
 
 
-def test_fused_lora_equals_reference_across_runs_ranks_and_missing_modules():
+@pytest.mark.parametrize("segment_min_rows", [1, 10**9], ids=["per-run-matmuls", "stacked-with-scale-matrix"])
+def test_fused_lora_equals_reference_across_runs_ranks_and_missing_modules(monkeypatch, segment_min_rows):
     """Three runs of ranks 2, 4, 3 over ragged rows, one of them without a v adapter, a gap of rows no run
-    adapts, and two calls (the second accumulates into the masters' gradients)."""
+    adapts, and two calls (the second accumulates into the masters' gradients); both ways of running several
+    runs at once."""
+    monkeypatch.setattr(training_lora, "SEGMENT_MIN_ROWS", segment_min_rows)
     adapters = [_adapter(2, KEYS, 0), _adapter(4, ("q", "k"), 1), _adapter(3, KEYS, 2)]
     bounds = [(0, 3), (3, 8), (10, 13)]
     g = torch.Generator().manual_seed(5)

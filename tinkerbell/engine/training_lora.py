@@ -26,13 +26,11 @@ import torch
 
 from tinkerbell.engine.lora import LoraSegment
 
-
-@dataclass(frozen=True)
-class _Layout:
-    """Which (module, segment) pairs a fused call covers, module-major: `modules[j]` = (output width, indices
-    of the live segments), in the order their A rows and B columns are stacked."""
-
-    modules: tuple[tuple[int, tuple[int, ...]], ...]
+# Several runs in one call: when every run has at least this many rows, each run's rows go through its own
+# adapter's matmuls (exact work, a few launches per run); below it one set of matmuls over all rows with every
+# run's adapter stacked along the rank, a scale matrix zeroing the products outside each run's rows (few
+# launches, Σ rank of wasted columns).
+SEGMENT_MIN_ROWS = 256
 
 
 class TrainLora:
@@ -96,29 +94,36 @@ class TrainLora:
 
     def _fused(self, keys: tuple[str, ...], widths: list[int], live: list[tuple[int, ...]], x: torch.Tensor,
                out: torch.Tensor, row_offset: int) -> torch.Tensor:
-        layout = _Layout(tuple((w, ls) for w, ls in zip(widths, live)))
+        n = x.shape[0]
         masters: list[torch.Tensor] = []
-        for k, ls in zip(keys, live):
+        index: dict[tuple[int, int], int] = {}  # (module, segment) -> its (A, B) pair's place in `masters`
+        for j, (k, ls) in enumerate(zip(keys, live)):
             for i in ls:
+                index[(j, i)] = len(masters) // 2
                 masters += [self.segments[i].weights.a[k], self.segments[i].weights.b[k]]
-        scale = self._row_scale(layout, x.dtype, x.device, row_offset, x.shape[0])
-        return _LoraAdd.apply(x, out, layout, scale, *masters)
+        segs = sorted({i for ls in live for i in ls})
+        bounds = {i: (max(self.segments[i].start - row_offset, 0), min(self.segments[i].end - row_offset, n))
+                  for i in segs}
+        if len(segs) == 1 or min(e - s for s, e in bounds.values()) >= SEGMENT_MIN_ROWS:
+            # exact: each segment's rows against its own adapter only
+            groups = tuple(_RowGroup(*bounds[i], tuple((j, index[(j, i)]) for j, ls in enumerate(live) if i in ls),
+                                     float(self.segments[i].weights.spec.scale)) for i in segs)
+            scales: tuple[torch.Tensor, ...] = ()
+        else:
+            # all segments at once over every row; the scale matrix zeroes each product outside its segment
+            pairs = tuple((j, index[(j, i)]) for j, ls in enumerate(live) for i in ls)
+            groups = (_RowGroup(0, n, pairs, 0),)
+            scales = (self._scale_matrix(live, x.dtype, x.device)[row_offset:row_offset + n],)
+        return _LoraAdd.apply(x, out, _Layout(tuple(widths), groups), *scales, *masters)
 
-    def _row_scale(self, layout: _Layout, dtype: torch.dtype, device: torch.device, row_offset: int,
-                   n: int) -> torch.Tensor | float:
-        """What the shrink's [n, Σ rank] output is multiplied by: the adapter's scale as a number when one
-        segment covers all n rows, else a matrix with each segment's scale on its own rows and rank columns."""
-        segs = {i for _, ls in layout.modules for i in ls}
-        if len(segs) == 1:
-            seg = self.segments[next(iter(segs))]
-            if seg.start <= row_offset and seg.end >= row_offset + n:
-                return float(seg.weights.spec.scale)
-        key = (layout, dtype, device)
+    def _scale_matrix(self, live: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[batch rows, Σ rank over (module, segment)]: each segment's scale on its own rows and rank columns."""
+        key = (tuple(live), dtype, device)
         full = self._scales.get(key)
         if full is None:
-            rows = max(s.end for s in self.segments)
-            cols = [i for _, ls in layout.modules for i in ls]
-            host = np.zeros((rows, sum(self.segments[i].weights.spec.rank for i in cols)), np.float32)
+            cols = [i for ls in live for i in ls]
+            host = np.zeros((max(s.end for s in self.segments),
+                             sum(self.segments[i].weights.spec.rank for i in cols)), np.float32)
             at = 0
             for i in cols:
                 seg = self.segments[i]
@@ -126,90 +131,129 @@ class TrainLora:
                 at += seg.weights.spec.rank
             full = torch.from_numpy(host).to(device=device, dtype=dtype)
             self._scales[key] = full
-        return full[row_offset:row_offset + n]
+        return full
+
+
+@dataclass(frozen=True)
+class _RowGroup:
+    """Rows [start, end) of the call and the (module, master pair) products they take, module-major; `scale`
+    is the adapter's scale, or the index of a [rows, Σ rank] scale matrix among the call's tensor inputs."""
+
+    start: int
+    end: int
+    pairs: tuple[tuple[int, int], ...]
+    scale: float | int
+
+
+@dataclass(frozen=True)
+class _Layout:
+    widths: tuple[int, ...]  # output width of each module, side by side in `out`
+    groups: tuple[_RowGroup, ...]
+
+    def modules(self, g: _RowGroup):
+        """(output columns, master pair indices) of each module that row group g touches, in order."""
+        col0 = np.concatenate([[0], np.cumsum(self.widths)]).tolist()
+        at = 0
+        while at < len(g.pairs):
+            j, mis = g.pairs[at][0], []
+            while at < len(g.pairs) and g.pairs[at][0] == j:
+                mis.append(g.pairs[at][1])
+                at += 1
+            yield slice(col0[j], col0[j + 1]), mis
 
 
 class _LoraAdd(torch.autograd.Function):
-    """out += Σ_modules expand(scale ⊙ shrink(x)), in place; masters = (A, B) per (module, live segment)."""
+    """out[rows of g] += Σ_modules expand(scale ⊙ shrink(x[rows of g])) for each row group g, in place.
+    Inputs after the layout: the groups' scale matrices, then the masters (A, B per pair)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out: torch.Tensor, layout: _Layout, scale: torch.Tensor | float,
-                *masters: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor, layout: _Layout, *tensors: torch.Tensor) -> torch.Tensor:
+        n_scales = sum(1 for g in layout.groups if not isinstance(g.scale, float))
+        scales, masters = tensors[:n_scales], tensors[n_scales:]
         dtype = x.dtype
-        a_list = masters[0::2]
-        a = (torch.cat(a_list) if len(a_list) > 1 else a_list[0]).to(dtype)  # [Σ rank, in]
-        xa = (x @ a.t()).mul_(scale)  # [n, Σ rank], scaled per row
-        bs, col, rcol, at = [], 0, 0, 0
-        for width, segs in layout.modules:
-            b_list = masters[2 * at + 1:2 * (at + len(segs)):2]
-            at += len(segs)
-            if not segs:
-                col += width
-                continue
-            b = (torch.cat(b_list, dim=1) if len(b_list) > 1 else b_list[0]).to(dtype)  # [width, rank of module]
-            out[:, col:col + width].addmm_(xa[:, rcol:rcol + b.shape[1]], b.t())
-            bs.append(b)
-            col += width
-            rcol += b.shape[1]
+        saved: list[torch.Tensor] = []
+        for g in layout.groups:
+            rows = slice(g.start, g.end)
+            a_list = [masters[2 * mi] for _, mi in g.pairs]
+            a = (torch.cat(a_list) if len(a_list) > 1 else a_list[0]).to(dtype)  # [Σ rank, in]
+            xa = (x[rows] @ a.t()).mul_(g.scale if isinstance(g.scale, float) else scales[g.scale])
+            saved += [xa, a]
+            rc = 0
+            for cols, mis in layout.modules(g):
+                b_list = [masters[2 * mi + 1] for mi in mis]
+                b = (torch.cat(b_list, dim=1) if len(b_list) > 1 else b_list[0]).to(dtype)  # [width, rank]
+                out[rows, cols].addmm_(xa[:, rc:rc + b.shape[1]], b.t())
+                saved.append(b)
+                rc += b.shape[1]
         ctx.mark_dirty(out)
         # The masters are leaves: holding them (for their .grad) makes no reference cycle.
-        ctx.layout, ctx.scale, ctx.masters = layout, scale, masters
-        ctx.save_for_backward(x, xa, a, scale if isinstance(scale, torch.Tensor) else None, *bs)
+        ctx.layout, ctx.masters = layout, masters
+        ctx.save_for_backward(x, *scales, *saved)
         return out
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, xa, a, scale_t, *bs = ctx.saved_tensors
-        scale = ctx.scale if scale_t is None else scale_t
         layout: _Layout = ctx.layout
-        masters_need = ctx.needs_input_grad[4:]
-        d_xa, g_b, col, rcol, bi = [], [], 0, 0, 0
-        for width, segs in layout.modules:
-            if not segs:
-                col += width
-                continue
-            b = bs[bi]
-            bi += 1
-            dyj = dy[:, col:col + width]
-            d_xa.append(dyj @ b)  # [n, rank of module]
-            g_b.append(dyj.t() @ xa[:, rcol:rcol + b.shape[1]])  # [width, rank of module]
-            col += width
-            rcol += b.shape[1]
-        d_xa = (torch.cat(d_xa, dim=1) if len(d_xa) > 1 else d_xa[0]).mul_(scale)
-        dx = d_xa @ a if ctx.needs_input_grad[0] else None
-        if any(masters_need):
-            _accumulate(ctx, layout, d_xa.t() @ x, g_b, masters_need)
-        # `out` passes its gradient through unchanged; the masters' gradients were added by _accumulate.
-        return (dx, dy, None, None) + (None,) * len(masters_need)
+        masters = ctx.masters
+        n_scales = sum(1 for g in layout.groups if not isinstance(g.scale, float))
+        x, *rest = ctx.saved_tensors
+        scales, saved = rest[:n_scales], rest[n_scales:]
+        need_x = ctx.needs_input_grad[0]
+        masters_need = ctx.needs_input_grad[3 + n_scales:]
+        whole = len(layout.groups) == 1 and layout.groups[0].start == 0 and layout.groups[0].end == x.shape[0]
+        dx = None
+        if need_x and not whole:
+            dx = x.new_zeros(x.shape)
+        dst, src = [], []
+        at = 0
+        for g in layout.groups:
+            rows = slice(g.start, g.end)
+            xa, a = saved[at], saved[at + 1]
+            at += 2
+            d_xa, g_b, rc = [], [], 0
+            for cols, mis in layout.modules(g):
+                b = saved[at]
+                at += 1
+                dyj = dy[rows, cols]
+                d_xa.append(dyj @ b)  # [rows, rank of module]
+                g_b.append((mis, dyj.t() @ xa[:, rc:rc + b.shape[1]]))  # [width, rank of module]
+                rc += b.shape[1]
+            d_xa = (torch.cat(d_xa, dim=1) if len(d_xa) > 1 else d_xa[0]).mul_(
+                g.scale if isinstance(g.scale, float) else scales[g.scale])
+            if need_x:
+                if whole:
+                    dx = d_xa @ a
+                else:
+                    dx[rows].addmm_(d_xa, a)
+            if any(masters_need[2 * mi] or masters_need[2 * mi + 1] for _, mi in g.pairs):
+                _collect(masters, masters_need, g, d_xa.t() @ x[rows], g_b, dst, src)
+        if dst:
+            torch._foreach_add_(dst, src)
+        # `out` passes its gradient through unchanged; the masters' gradients were added above.
+        return (dx, dy, None) + (None,) * (n_scales + len(masters))
 
 
-def _accumulate(ctx, layout: _Layout, g_a: torch.Tensor, g_b: list[torch.Tensor],
-                masters_need: tuple[bool, ...]) -> None:
-    """Add each master's slice of the stacked gradients to its `.grad` (first gradient: the slice itself, no
-    copy; later ones: one multi-tensor add for all). Tensors that need no gradient (forward-only runs' detached
-    views) are skipped."""
-    masters = ctx.masters
-    dtype = masters[0].dtype  # the fp32 masters: one cast per stacked gradient, not one per run and module
-    g_a, g_b = g_a.to(dtype), [g.to(dtype) for g in g_b]
-    dst, src = [], []
-    row, mi = 0, 0
-    for j, (width, segs) in enumerate(layout.modules):
-        gbj = g_b.pop(0) if segs else None
-        bcol = 0
-        for _ in segs:
-            a_m, b_m = masters[2 * mi], masters[2 * mi + 1]
-            r = a_m.shape[0]
-            for m, g, need in ((a_m, g_a[row:row + r], masters_need[2 * mi]),
-                               (b_m, gbj[:, bcol:bcol + r], masters_need[2 * mi + 1])):
-                if not need:
+def _collect(masters: tuple[torch.Tensor, ...], need: tuple[bool, ...], g: _RowGroup, g_a: torch.Tensor,
+             g_b: list[tuple[list[int], torch.Tensor]], dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """Hand each master its slice of group g's stacked gradients: the slice itself as its first gradient (no
+    copy), else queued for one multi-tensor add. Tensors that need no gradient (forward-only runs' detached
+    views) are skipped. One cast to the masters' dtype per stacked gradient, not one per run and module."""
+    dtype = masters[0].dtype
+    g_a = g_a.to(dtype)
+    row = 0
+    for mis, gb in g_b:
+        gb = gb.to(dtype)
+        col = 0
+        for mi in mis:
+            r = masters[2 * mi].shape[0]
+            for m, grad, ok in ((masters[2 * mi], g_a[row:row + r], need[2 * mi]),
+                                (masters[2 * mi + 1], gb[:, col:col + r], need[2 * mi + 1])):
+                if not ok:
                     continue
                 if m.grad is None:
-                    m.grad = g
+                    m.grad = grad
                 else:
                     dst.append(m.grad)
-                    src.append(g)
+                    src.append(grad)
             row += r
-            bcol += r
-            mi += 1
-    if dst:
-        torch._foreach_add_(dst, src)
+            col += r
