@@ -5,12 +5,14 @@ Two forms compute the same sums:
 - the reference (`fused=False`, CPU default): per segment and module, `(x[s:e] @ A.T) @ B.T * scale` in the
   activations' dtype, autograd flowing through the casts to the fp32 masters;
 - the fused form (`fused=True`, GPU default): one autograd node per projection (q/k/v together, gate/up
-  together) for all runs at once. Its forward is one shrink GEMM over every (module, run) A stacked along the
-  rank, a small [rows, Σ rank] scale (each run's scale on its own rows, zero elsewhere), and per module one
-  expand GEMM that adds into the base projection's output in place (`addmm_`: no delta tensor, no separate
-  add). Its backward is a handful of GEMMs and adds the masters' gradients itself, with one multi-tensor add
-  per projection, instead of autograd copying each run's gradient slice out one kernel at a time (the second
-  session counted ~900 such copies in an 8-run step on the 1B model).
+  together) for all runs at once. Its forward is, per row group, one shrink GEMM over the group's (module, run)
+  A's stacked along the rank, a scale, and per module one expand GEMM that adds into the base projection's
+  output in place (`addmm_`: no delta tensor, no separate add). Row groups: one per run when every run has at
+  least `SEGMENT_MIN_ROWS` rows (exact work), else one over all rows whose scale is a [rows, Σ rank] matrix with
+  each run's scale on its own rows and zero elsewhere (few launches however many runs, Σ rank of wasted
+  columns). Its backward is a handful of GEMMs per group and adds the masters' gradients itself, with one
+  multi-tensor add per projection, instead of autograd copying each run's gradient slice out one kernel at a
+  time (the second session counted ~900 such copies in an 8-run step on the 1B model).
 
 Why not autograd through concatenated masters: the eager chain of casts, scales and adds runs an elementwise pass
 over the full [rows, out] output per module (twice on the backward), which for gate/up alone is 2 × 128 MB a
@@ -200,10 +202,10 @@ class _LoraAdd(torch.autograd.Function):
         scales, saved = rest[:n_scales], rest[n_scales:]
         need_x = ctx.needs_input_grad[0]
         masters_need = ctx.needs_input_grad[3 + n_scales:]
-        whole = len(layout.groups) == 1 and layout.groups[0].start == 0 and layout.groups[0].end == x.shape[0]
         dx = None
-        if need_x and not whole:
-            dx = x.new_zeros(x.shape)
+        if need_x:  # the groups' rows are disjoint: each writes its own rows of dx, the rest (if any) are zero
+            covered = sum(g.end - g.start for g in layout.groups) == x.shape[0]
+            dx = x.new_empty(x.shape) if covered else x.new_zeros(x.shape)
         dst, src = [], []
         at = 0
         for g in layout.groups:
@@ -221,10 +223,7 @@ class _LoraAdd(torch.autograd.Function):
             d_xa = (torch.cat(d_xa, dim=1) if len(d_xa) > 1 else d_xa[0]).mul_(
                 g.scale if isinstance(g.scale, float) else scales[g.scale])
             if need_x:
-                if whole:
-                    dx = d_xa @ a
-                else:
-                    dx[rows].addmm_(d_xa, a)
+                torch.mm(d_xa, a, out=dx[rows])
             if any(masters_need[2 * mi] or masters_need[2 * mi + 1] for _, mi in g.pairs):
                 _collect(masters, masters_need, g, d_xa.t() @ x[rows], g_b, dst, src)
         if dst:
