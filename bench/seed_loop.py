@@ -44,8 +44,10 @@ def user_loop(url: str, key: str, model: str, vocab: int, user: int, iters: int,
     prompt = types.ModelInput.from_ints([rng.randrange(vocab) for _ in range(args.prompt_len)])
     params = types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0)
     phases: list[dict[str, float]] = []
-    for _ in range(iters):
+    for i in range(iters):
         barrier.wait()
+        if user == 0 and i == 1:  # the timed iterations start: where the engine thread's time goes from here
+            out["loop_start"] = engine_loop_seconds(url)
         t0 = time.perf_counter()
         fb = tc.forward_backward(data, "cross_entropy")
         opt = tc.optim_step(types.AdamParams(learning_rate=1e-4))
@@ -60,6 +62,12 @@ def user_loop(url: str, key: str, model: str, vocab: int, user: int, iters: int,
         phases.append({"train": t1 - t0, "handoff": t2 - t1, "sample": t3 - t2, "end": t3, "start": t0,
                        "tokens": tokens, "loss": loss})
     out[user] = phases
+
+
+def engine_loop_seconds(url: str) -> dict[str, float]:
+    import httpx
+
+    return httpx.get(f"{url}/stats", timeout=10).json()["engine"].get("loop_seconds", {})
 
 
 def main() -> None:
@@ -99,8 +107,10 @@ def main() -> None:
                 t.start()
             for t in threads:
                 t.join()
+            loop_end = engine_loop_seconds(server.url)
         finally:
             server.stop()
+    loop_start = out.pop("loop_start", {})
     if len(out) != args.users:
         sys.exit(f"only {len(out)} of {args.users} users finished; see the server log above")
     rounds = []
@@ -120,6 +130,12 @@ def main() -> None:
     for k in ("train", "handoff", "sample"):
         print(f"| per user: {k} (s) | {med[k]:.3f} |")
     print(f"| tokens sampled per iteration | {statistics.median(r['tokens'] for r in rounds):.0f} of {want} |")
+    if loop_start and loop_end:
+        d = {k: (loop_end[k] - loop_start.get(k, 0)) / args.iters for k in loop_end}
+        steps = max(d.get("sampler_steps", 0), 1e-9)
+        print(f"\nengine thread per iteration (host s): training {d['training']:.3f}, other jobs "
+              f"{d['other_jobs']:.3f}, sampling {d['sampling']:.3f} in {d['sampler_steps']:.0f} steps "
+              f"({d['sampling'] / steps * 1e3:.2f} ms/step), waiting {d['waiting']:.3f}")
     losses = [out[0][i]["loss"] for i in range(len(out[0]))]
     print(f"\nuser 0 loss per iteration: {', '.join(f'{x:.3f}' for x in losses)}")
     if not losses[-1] < losses[0]:

@@ -116,3 +116,15 @@ def test_a_small_models_engine_thread_runs_its_cpu_ops_on_one_core(engine):
     import torch
 
     assert engine._call(torch.get_num_threads).result(timeout=30) == 1
+
+
+def test_stats_say_where_the_engine_threads_time_went(engine):
+    """Training, other jobs and sampler steps each add their host time to `loop_seconds`."""
+    engine.create_adapter("clock", LoraSpec(rank=4), seed=0).result()
+    before = engine.stats()["loop_seconds"]
+    engine.forward_backward("clock", [_datum(9)], "cross_entropy", {}, False).result()
+    engine.optim_step("clock", AdamParams(learning_rate=1e-3)).result()
+    engine.sample(SampleJob(prompt=[5, 6, 7], max_tokens=4, temperature=0.0, stop_at_eos=False)).result()
+    after = engine.stats()["loop_seconds"]
+    assert after["training"] > before["training"] and after["other_jobs"] > before["other_jobs"]
+    assert after["sampling"] > before["sampling"] and after["sampler_steps"] >= before["sampler_steps"] + 4

@@ -150,6 +150,8 @@ class Engine:
         self._runs: dict[str, deque[_Job]] = {}
         self._wake = threading.Condition()
         self._train_batches = 0  # packed forward/backward passes run (one may serve many requests)
+        self._loop_seconds: dict[str, float] = {"waiting": 0.0, "training": 0.0, "other_jobs": 0.0, "sampling": 0.0,
+                                                "sampler_steps": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tinkerbell-engine", daemon=True)
         if tp is None or tp.leader:  # a worker serves rank 0's ops instead (engine/tp/worker.py)
@@ -293,12 +295,21 @@ class Engine:
             # measured: a 4×128 @ 128×256 linear 10 µs on the main thread, 65 µs on another, 7 µs with one
             # thread), which a small model's ops never earn back: this thread runs them on one core.
             torch.set_num_threads(1)
+        clock = self._loop_seconds
         while not self._stop.is_set():
             # One training/control job (or one packed training batch) per iteration, then one sampler step:
             # neither starves the other.
-            self._run_jobs(self._next_jobs())
+            t0 = time.perf_counter()
+            jobs = self._next_jobs()
+            t1 = time.perf_counter()
+            self._run_jobs(jobs)
             self._current = []
+            t2 = time.perf_counter()
+            clock["waiting"] += t1 - t0
+            if jobs:
+                clock["training" if jobs[0].fwdbwd is not None else "other_jobs"] += t2 - t1
             if self.sampler.has_work():
+                clock["sampler_steps"] += 1
                 try:
                     self.sampler.step()
                 except BaseException as e:  # noqa: BLE001
@@ -308,6 +319,7 @@ class Engine:
                         return
                     log.exception("sampler step failed; failing its running requests")
                     self.sampler.fail_all(RuntimeError("sampler step failed; see the server log"))
+                clock["sampling"] += time.perf_counter() - t2
         self.mirror.stop()
 
     def shutdown(self) -> None:
@@ -405,8 +417,12 @@ class Engine:
         return fut
 
     def stats(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.stats(), "trainer": self.trainer.stats(), "queued_jobs": len(self._jobs) + sum(len(q) for q in self._runs.values()),
-                "train_batches": self._train_batches}
+        return {"sampler": self.sampler.stats(), "trainer": self.trainer.stats(),
+                "queued_jobs": len(self._jobs) + sum(len(q) for q in self._runs.values()),
+                "train_batches": self._train_batches,
+                # Where the engine thread's time went (host seconds): what a loop mixing users' training and
+                # sampling waits on. `waiting` is time with nothing to do.
+                "loop_seconds": {k: round(v, 4) for k, v in self._loop_seconds.items()}}
 
 
 
