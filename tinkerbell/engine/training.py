@@ -292,7 +292,7 @@ class Trainer:
                 at += sum(sizes)
                 group = None
                 if len(sizes) > 1:
-                    group = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)).to(dev)
+                    group = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)).to(dev, non_blocking=True)
                 inputs = flat_inputs(seg.data[d0:d1], seg.loss, seg.config, lp.device)
                 elementwise = seg.loss.compute(lp, inputs, seg.config, group)
                 losses.append(elementwise.detach())
@@ -334,8 +334,8 @@ class Trainer:
         total_rows = hidden.shape[0]
         starts = np.arange(0, total_rows, self.chunk_rows)
         bounds = np.searchsorted(targets.rows, np.append(starts, total_rows))
-        rows = torch.from_numpy(targets.rows).to(hidden.device)
-        ids = torch.from_numpy(targets.ids).to(hidden.device)
+        rows = torch.from_numpy(targets.rows).to(hidden.device, non_blocking=True)
+        ids = torch.from_numpy(targets.ids).to(hidden.device, non_blocking=True)
         pieces = []
         for i, r0 in enumerate(starts.tolist()):
             r1 = min(r0 + self.chunk_rows, total_rows)

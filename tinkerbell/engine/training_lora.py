@@ -131,7 +131,7 @@ class TrainLora:
                 seg = self.segments[i]
                 host[seg.start:seg.end, at:at + seg.weights.spec.rank] = seg.weights.spec.scale
                 at += seg.weights.spec.rank
-            full = torch.from_numpy(host).to(device=device, dtype=dtype)
+            full = torch.from_numpy(host).to(device=device, dtype=dtype, non_blocking=True)
             self._scales[key] = full
         return full
 
