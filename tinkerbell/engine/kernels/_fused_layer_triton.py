@@ -12,8 +12,10 @@ from tinkerbell.engine.kernels._pdl_triton import pdl_enter
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_r, stride_o,
-                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _add_rmsnorm_kernel(x_ptr, res_ptr, s_ptr, w_ptr, out_ptr, rstd_ptr, N, eps, stride_x, stride_r, stride_s,
+                        stride_o, HAS_RES: tl.constexpr, STORE_RSTD: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
+    # s = residual + x goes to s_ptr (the residual itself when decoding: in place); training also keeps 1/rms.
     pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -23,12 +25,18 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, N, eps, stride_x, stride
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
         # The sum is rounded to the model dtype, as `residual + x` in the model dtype is.
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(res_ptr + row * stride_r + cols, x, mask=mask)
+        tl.store(s_ptr + row * stride_s + cols, x, mask=mask)
     h = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
+    if STORE_RSTD:
+        tl.store(rstd_ptr + row, rstd)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = (h * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def norm_launch(n: int) -> dict:
+    return {"BLOCK": triton.next_power_of_2(n), "num_warps": 8 if n >= 4096 else 4}
 
 
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -38,9 +46,9 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     if t:
         res = x if residual is None else residual
         pdl = use_pdl(x)
-        _add_rmsnorm_kernel[(t,)](x, res, weight, out, n, eps, x.stride(0), res.stride(0), out.stride(0),
-                                  HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n),
-                                  num_warps=8 if n >= 4096 else 4, PDL=pdl, launch_pdl=pdl)
+        _add_rmsnorm_kernel[(t,)](x, res, res, weight, out, out, n, eps, x.stride(0), res.stride(0),
+                                  res.stride(0), out.stride(0), HAS_RES=residual is not None, STORE_RSTD=False,
+                                  PDL=pdl, launch_pdl=pdl, **norm_launch(n))
     return out, (x if residual is None else residual)
 
 

@@ -8,26 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tinkerbell.engine.kernels._fused_layer_triton import _add_rmsnorm_kernel, norm_launch
 from tinkerbell.engine.kernels._fused_layer_triton import silu_mul as silu_mul_forward  # noqa: F401
-
-
-@triton.jit
-def _rmsnorm_fwd_kernel(x_ptr, r_ptr, s_ptr, w_ptr, y_ptr, rstd_ptr, N, eps, stride_x, stride_r, stride_s,
-                        stride_y, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RES:
-        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(s_ptr + row * stride_s + cols, x, mask=mask)
-    h = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, 0) / N + eps)
-    tl.store(rstd_ptr + row, rstd)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    y = (h * rstd).to(x_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -47,10 +29,6 @@ def _rmsnorm_bwd_kernel(dy_ptr, s_ptr, w_ptr, rstd_ptr, ds_ptr, dx_ptr, N, strid
     tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _norm_launch(n: int) -> dict:
-    return {"BLOCK": triton.next_power_of_2(n), "num_warps": 8 if n >= 4096 else 4}
-
-
 def rmsnorm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, s, rstd): s = x + residual (x itself without one), y = RMSNorm(s) · weight, rstd per row (float32)."""
@@ -60,8 +38,9 @@ def rmsnorm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
     rstd = torch.empty(t, dtype=torch.float32, device=x.device)
     if t:
         r = x if residual is None else residual
-        _rmsnorm_fwd_kernel[(t,)](x, r, s, weight, y, rstd, n, eps, x.stride(0), r.stride(0), s.stride(0),
-                                  y.stride(0), HAS_RES=residual is not None, **_norm_launch(n))
+        _add_rmsnorm_kernel[(t,)](x, r, s, weight, y, rstd, n, eps, x.stride(0), r.stride(0), s.stride(0),
+                                  y.stride(0), HAS_RES=residual is not None, STORE_RSTD=True, PDL=False,
+                                  **norm_launch(n))
     return y, s, rstd
 
 
@@ -73,7 +52,7 @@ def rmsnorm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, rstd: t
     if t:
         d = dy if ds is None else ds
         _rmsnorm_bwd_kernel[(t,)](dy, s, weight, rstd, d, dx, n, dy.stride(0), s.stride(0), d.stride(0),
-                                  dx.stride(0), HAS_DS=ds is not None, **_norm_launch(n))
+                                  dx.stride(0), HAS_DS=ds is not None, **norm_launch(n))
     return dx
 
 
