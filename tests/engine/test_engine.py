@@ -111,6 +111,32 @@ def test_a_runs_optim_step_waits_for_its_earlier_forward_backward(engine):
     assert after.result().metrics["loss:sum"] < before  # the step used fb's gradient and ran before `after`
 
 
+def test_optim_steps_due_together_run_as_one_update_and_a_refused_one_fails_alone(engine, monkeypatch):
+    """Three runs' optim_steps queued at once: one fused AdamW update (Trainer.optim_steps called once with the
+    two valid steps and the refused one), each run's result as if alone, the bad learning rate refused alone."""
+    for run in ("o1", "o2", "o3", "a1"):
+        engine.create_adapter(run, LoraSpec(rank=4), seed=3).result()
+    for run in ("o1", "o2", "o3", "a1"):
+        engine.forward_backward(run, [_datum(11)], "cross_entropy", {}, False).result()
+    calls = []
+    real = engine.trainer.optim_steps
+    monkeypatch.setitem(engine.mirror._ops, "optims", lambda steps: calls.append(len(steps)) or real(steps))
+    gate = threading.Event()
+    engine._call(lambda: gate.wait(10))
+    futs = [engine.optim_step("o1", AdamParams(learning_rate=1e-2)),
+            engine.optim_step("o2", AdamParams(learning_rate=1e-2)),
+            engine.optim_step("o3", AdamParams(learning_rate=-1.0))]
+    gate.set()
+    together = [futs[0].result(), futs[1].result()]
+    with pytest.raises(EngineUserError, match="learning_rate"):
+        futs[2].result()
+    assert calls == [3]
+    alone = engine.optim_step("a1", AdamParams(learning_rate=1e-2)).result()
+    assert together[0]["grad_norm"] == pytest.approx(alone["grad_norm"], rel=1e-6)
+    after = [engine.forward_backward(r, [_datum(11)], "cross_entropy", {}, True).result() for r in ("o1", "a1")]
+    assert after[0].metrics["loss:sum"] == pytest.approx(after[1].metrics["loss:sum"], rel=1e-6)
+
+
 def test_a_small_models_engine_thread_runs_its_cpu_ops_on_one_core(engine):
     # Off the main thread each OpenMP region pays a worker wake-up that a tiny model's ops never earn back.
     import torch

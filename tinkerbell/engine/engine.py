@@ -47,6 +47,7 @@ class _Job:
     # For forward/backward jobs: (run_id, data, loss_fn, loss_config, forward_only), so the loop can pack them.
     fwdbwd: tuple | None = None
     run: str | None = None  # the training run whose order this job keeps (None: a sampler/control job)
+    optim: AdamParams | None = None  # for optim_step jobs: steps of several runs due together run as one update
 
     @property
     def tokens(self) -> int:
@@ -223,7 +224,9 @@ class Engine:
             if not self._runs:
                 return []
             first = next(iter(self._runs))
-            if self._runs[first][0].fwdbwd is None:  # optim_step, save, ...: alone, in its run's order
+            if self._runs[first][0].optim is not None:  # every run whose turn is an optim_step: one update
+                batch = [q.popleft() for q in self._runs.values() if q[0].optim is not None]
+            elif self._runs[first][0].fwdbwd is None:  # save, load, ...: alone, in its run's order
                 batch = [self._runs[first].popleft()]
             else:
                 ready = [r for r, q in self._runs.items() if q[0].fwdbwd is not None]
@@ -252,6 +255,9 @@ class Engine:
         if not live:
             return
         self._current = live
+        if live[0].optim is not None:
+            self._run_optim(live)
+            return
         if live[0].fwdbwd is None:
             self._settle(live[0].fut, live[0].fn)
             return
@@ -278,6 +284,25 @@ class Engine:
             return
         for job, res in zip(owners, results):
             job.fut.set_result(res)
+
+    def _run_optim(self, jobs: list[_Job]) -> None:
+        """AdamW steps of several runs in one fused update; a refused step fails its own future only."""
+        try:
+            results = self.mirror.run("optims", [(j.run, j.optim) for j in jobs])
+        except OutOfStep as e:
+            self._fatal(str(e))
+            return
+        except Exception as e:  # noqa: BLE001
+            if not isinstance(e, ValueError):
+                log.exception("optimizer step failed")
+            for job in jobs:
+                job.fut.set_exception(e)
+            return
+        for job, res in zip(jobs, results):
+            if isinstance(res, Exception):
+                job.fut.set_exception(res)
+            else:
+                job.fut.set_result(res)
 
     def _settle(self, fut: Future, fn: Callable[[], Any]) -> None:
         try:
@@ -307,7 +332,8 @@ class Engine:
             t2 = time.perf_counter()
             clock["waiting"] += t1 - t0
             if jobs:
-                clock["training" if jobs[0].fwdbwd is not None else "other_jobs"] += t2 - t1
+                clock["training" if jobs[0].fwdbwd is not None or jobs[0].optim is not None
+                      else "other_jobs"] += t2 - t1
             if self.sampler.has_work():
                 clock["sampler_steps"] += 1
                 try:
@@ -377,7 +403,7 @@ class Engine:
         return self._enqueue(_Job(None, Future(), (run_id, data, loss_fn, loss_config, forward_only), run_id))
 
     def optim_step(self, run_id: str, params: AdamParams) -> "Future[dict[str, float]]":
-        return self._call(lambda: self.mirror.run("optim", run_id, params), run_id)
+        return self._enqueue(_Job(None, Future(), run=run_id, optim=params))
 
     def save_adapter(self, run_id: str, out_dir: Path, with_optimizer: bool) -> "Future[int]":
         """Write the run's adapter (PEFT format) and optionally its optimizer state; returns bytes written."""

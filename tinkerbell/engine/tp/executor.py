@@ -18,6 +18,7 @@ message (a slot may be loaded for a request that is then not scheduled), then th
     save (run_id, out_dir, with_opt, base)   remove (run_id)
     fwdbwd ([(run_id, data, loss_fn, loss_config, forward_only), ...])   (already validated on rank 0)
     optim (run_id, params)                   publish (run_id, adapter_key)
+    optims ([(run_id, params), ...])
     register (adapter_key, src_dir)          unregister (adapter_key)
     step (plan, copies)                      stop ()
 
@@ -115,7 +116,8 @@ class Mirror:
             sampler.on_plan = self._send_step
         self._ops: dict[str, Callable[..., Any]] = {
             "create": trainer.create, "load": trainer.load, "save": trainer.save, "remove": trainer.remove,
-            "fwdbwd": self._fwdbwd, "optim": trainer.optim_step, "publish": self._publish,
+            "fwdbwd": self._fwdbwd, "optim": trainer.optim_step, "optims": trainer.optim_steps,
+            "publish": self._publish,
             "register": sampler.register_adapter, "unregister": sampler.unregister_adapter,
             "step": self._step,
         }
