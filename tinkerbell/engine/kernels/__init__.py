@@ -16,6 +16,9 @@ RUN_KERNELS_ON_CPU = False
 # Programmatic dependent launch of the decode path's kernels (see _pdl_triton.py): TINKERBELL_PDL=1 turns it on.
 # Off by default until it has been measured and checked on a GPU (bench/device_issue4.sh PDL_AB=1 does both).
 PDL = os.environ.get("TINKERBELL_PDL", "0") == "1"
+# The training layer's fused kernels (kernels/train_ops.py); TINKERBELL_TRAIN_KERNELS=0 falls back to the plain
+# torch forms on a GPU too (an escape hatch, and the A/B baseline for bench/train_ops_check.py).
+TRAIN_KERNELS = os.environ.get("TINKERBELL_TRAIN_KERNELS", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,13 +14,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tinkerbell.engine import kernels
 from tinkerbell.engine.kernels import use_triton
+
+
+def _fused(t: torch.Tensor) -> bool:
+    return kernels.TRAIN_KERNELS and use_triton(t)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(s) · weight, s) with s = x + residual (x itself without one)."""
-    if use_triton(x) and x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1):
+    if _fused(x) and x.stride(-1) == 1 and (residual is None or residual.stride(-1) == 1):
         if residual is None:
             return _RMSNorm.apply(x, None, weight, eps), x
         return _RMSNorm.apply(x, residual, weight, eps)
@@ -59,7 +64,7 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int
              head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [T, heads, D] and k [T, kv_heads, D] rotated by RoPE (cos/sin [T, D], halves repeated) and v
     [T, kv_heads, D], from the fused projection's output [T, (heads + 2·kv_heads)·D]."""
-    if use_triton(qkv) and qkv.stride(-1) == 1 and head_dim & (head_dim - 1) == 0:
+    if _fused(qkv) and qkv.stride(-1) == 1 and head_dim & (head_dim - 1) == 0:
         return _RopeQKV.apply(qkv, cos, sin, heads, kv_heads, head_dim)
     return rope_qkv_torch(qkv, cos, sin, heads, kv_heads, head_dim)
 
@@ -111,7 +116,7 @@ class _RopeQKV(torch.autograd.Function):
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(g) · u for gate_up = [g | u] along the last dim."""
-    if use_triton(gate_up) and gate_up.stride(-1) == 1:
+    if _fused(gate_up) and gate_up.stride(-1) == 1:
         return _SiluMul.apply(gate_up)
     return silu_mul_torch(gate_up)
 
@@ -142,7 +147,7 @@ def target_logprobs(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor)
     the logits to float32 and autograd keeps and replays several [R, V] float32 tensors; the kernels read the
     logits once forward (a one-pass logsumexp per row) and once backward (softmax times the row's gradient,
     written straight in the logits' dtype)."""
-    if use_triton(logits) and logits.stride(-1) == 1:
+    if _fused(logits) and logits.stride(-1) == 1:
         return _TargetLogprobs.apply(logits, rows, ids)
     return target_logprobs_torch(logits, rows, ids)
 
