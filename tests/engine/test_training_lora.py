@@ -57,6 +57,18 @@ def test_fused_lora_equals_reference_across_runs_ranks_and_missing_modules(monke
     for w, r in zip(adapters, ref):
         for got, want in zip(w.parameters(), r.parameters()):
             assert torch.allclose(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+            # laid out as the master, or the optimizer's multi-tensor kernels leave their fast path
+            assert got.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("ranks", [(4, 4, 4), (2, 4, 3)], ids=["equal-ranks", "mixed-ranks"])
+def test_stacked_gradients_of_several_runs_are_contiguous(monkeypatch, ranks):
+    monkeypatch.setattr(training_lora, "SEGMENT_MIN_ROWS", 10**9)
+    adapters = [_adapter(r, KEYS, i) for i, r in enumerate(ranks)]
+    g = torch.Generator().manual_seed(8)
+    _run(adapters, [(0, 4), (4, 9), (9, 12)], True, torch.randn(12, 10, generator=g),
+         torch.randn(12, 20, generator=g), calls=1)
+    assert all(t.grad.is_contiguous() for w in adapters for t in w.parameters())
 
 
 def test_fused_lora_on_a_row_chunk_of_one_run_uses_its_scale():

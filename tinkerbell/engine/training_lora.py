@@ -241,12 +241,11 @@ def _collect(masters: tuple[torch.Tensor, ...], need: tuple[bool, ...], g: _RowG
     g_a = g_a.to(dtype)
     row = 0
     for mis, gb in g_b:
-        gb = gb.to(dtype)
-        col = 0
-        for mi in mis:
-            r = masters[2 * mi].shape[0]
+        ranks = [masters[2 * mi].shape[0] for mi in mis]
+        gb_parts = _per_run_columns(gb.to(dtype), ranks)
+        for mi, r, gbi in zip(mis, ranks, gb_parts):
             for m, grad, ok in ((masters[2 * mi], g_a[row:row + r], need[2 * mi]),
-                                (masters[2 * mi + 1], gb[:, col:col + r], need[2 * mi + 1])):
+                                (masters[2 * mi + 1], gbi, need[2 * mi + 1])):
                 if not ok:
                     continue
                 if m.grad is None:
@@ -255,4 +254,15 @@ def _collect(masters: tuple[torch.Tensor, ...], need: tuple[bool, ...], g: _RowG
                     dst.append(m.grad)
                     src.append(grad)
             row += r
-            col += r
+
+
+def _per_run_columns(gb: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
+    """Split [width, Σ rank] into each run's [width, rank], contiguous like the masters: the optimizer's
+    multi-tensor kernels take their fast path only when every gradient is laid out as its parameter (one
+    strided gradient sends a whole step to per-tensor kernels: ~1,800 extra launches at 8 runs on the 1B model,
+    measured). Equal ranks: one copy for all runs."""
+    if len(ranks) == 1:
+        return [gb]
+    if len(set(ranks)) == 1:
+        return list(gb.view(gb.shape[0], len(ranks), ranks[0]).transpose(0, 1).contiguous().unbind(0))
+    return [part.contiguous() for part in gb.split(ranks, dim=1)]
