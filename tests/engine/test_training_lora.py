@@ -94,3 +94,27 @@ def test_fused_lora_leaves_a_frozen_runs_tensors_without_gradient():
          calls=1)
     assert all(t.grad is not None for t in trained.parameters())
     assert all(t.grad is None for t in frozen.parameters())
+
+
+@pytest.mark.parametrize("segment_min_rows", [1, 10**9], ids=["per-run-matmuls", "stacked-with-scale-matrix"])
+def test_fused_linear_with_its_frozen_base_equals_reference(monkeypatch, segment_min_rows):
+    """`TrainLora.linear`: the base matmul (with bias) inside the fused node, its input gradient and the
+    adapters' summed in one place."""
+    monkeypatch.setattr(training_lora, "SEGMENT_MIN_ROWS", segment_min_rows)
+    g = torch.Generator().manual_seed(12)
+    weight, bias = torch.randn(20, 10, generator=g), torch.randn(20, generator=g)
+    adapters = [_adapter(2, KEYS, 0), _adapter(3, KEYS, 1)]
+    ref = [_clone(w) for w in adapters]
+    x0 = torch.randn(9, 10, generator=g)
+    results = []
+    for ws, fused in ((ref, False), (adapters, True)):
+        lora = TrainLora([LoraSegment(0, 4, ws[0]), LoraSegment(4, 9, ws[1])], fused=fused)
+        x = x0.clone().requires_grad_(True)
+        out = lora.linear(KEYS, x, weight, bias)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(13))).sum().backward()
+        results.append((out.detach(), x.grad))
+    assert torch.allclose(results[1][0], results[0][0], atol=1e-5)
+    assert torch.allclose(results[1][1], results[0][1], atol=1e-5)
+    for w, r in zip(adapters, ref):
+        for got, want in zip(w.parameters(), r.parameters()):
+            assert torch.allclose(got.grad, want.grad, rtol=1e-5, atol=1e-5)

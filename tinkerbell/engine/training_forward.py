@@ -115,8 +115,11 @@ def _attention(m: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     t = x.shape[0]
     if m.tp is not None:
         x = copy_to_tp(x, m.tp)
-    base = F.linear(x, *m.qkv) if m.qkv is not None else torch.cat([m.q_proj(x), m.k_proj(x), m.v_proj(x)], -1)
-    qkv = lora.add((p + "q_proj", p + "k_proj", p + "v_proj"), x, base)
+    keys = (p + "q_proj", p + "k_proj", p + "v_proj")
+    if m.qkv is not None:
+        qkv = lora.linear(keys, x, *m.qkv)
+    else:
+        qkv = lora.add(keys, x, torch.cat([m.q_proj(x), m.k_proj(x), m.v_proj(x)], -1))
     if cfg.qk_norm:
         q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
                              cfg.num_kv_heads * cfg.head_dim], dim=-1)
@@ -125,7 +128,7 @@ def _attention(m: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         qkv = torch.cat([q.reshape(t, -1), k.reshape(t, -1), v], dim=-1)
     q, k, v = rope_qkv(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
     o = attend(q, k, v).reshape(t, cfg.num_heads * cfg.head_dim)
-    out = lora.apply(p + "o_proj", o, F.linear(o, m.o_proj.weight, m.o_proj.bias))
+    out = lora.linear((p + "o_proj",), o, m.o_proj.weight, m.o_proj.bias)
     return out if m.tp is None else reduce_from_tp(out, m.tp)
 
 
@@ -133,9 +136,13 @@ def _mlp(m: MLP, x: torch.Tensor, ctx: BatchContext) -> torch.Tensor:
     p, lora = m.prefix, ctx.lora
     if m.tp is not None:
         x = copy_to_tp(x, m.tp)
-    base = F.linear(x, *m.gate_up) if m.gate_up is not None else torch.cat([m.gate_proj(x), m.up_proj(x)], -1)
-    h = silu_mul(lora.add((p + "gate_proj", p + "up_proj"), x, base))
-    out = lora.apply(p + "down_proj", h, F.linear(h, m.down_proj.weight, m.down_proj.bias))
+    keys = (p + "gate_proj", p + "up_proj")
+    if m.gate_up is not None:
+        gate_up = lora.linear(keys, x, *m.gate_up)
+    else:
+        gate_up = lora.add(keys, x, torch.cat([m.gate_proj(x), m.up_proj(x)], -1))
+    h = silu_mul(gate_up)
+    out = lora.linear((p + "down_proj",), h, m.down_proj.weight, m.down_proj.bias)
     return out if m.tp is None else reduce_from_tp(out, m.tp)
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tinkerbell.engine.lora import LoraSegment
 
@@ -51,6 +52,18 @@ class TrainLora:
         """`out` (the base linear's output for module `key`) plus each row's adapter delta."""
         return self.add((key,), x, out, row_offset)
 
+    def linear(self, keys: tuple[str, ...], x: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The frozen projection `F.linear(x, weight, bias)` of modules `keys` (side by side: a fused q/k/v or
+        gate/up weight) plus each row's adapter deltas. The fused form runs the base matmul inside its own
+        autograd node, so the backward adds the adapters' input gradient into the base's (one GEMM epilogue)
+        instead of autograd summing two [rows, in] gradients in a separate pass."""
+        n = x.shape[0]
+        live = [self._live(k, 0, n) for k in keys]
+        if not self.fused or not any(live):
+            return self.add(keys, x, F.linear(x, weight, bias))
+        return self._fused(keys, self._widths(keys, live, weight.shape[0]), live, x, None, 0, (weight, bias))
+
     def add(self, keys: tuple[str, ...], x: torch.Tensor, out: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
         """`out` [n, Σ widths] holds the base outputs of modules `keys` side by side (a fused q/k/v or gate/up
         projection); returns it plus each row's adapter deltas. The fused form updates `out` in place."""
@@ -58,17 +71,21 @@ class TrainLora:
         live = [self._live(k, row_offset, n) for k in keys]
         if not any(live):
             return out
-        widths = [self.segments[ls[0]].weights.b[k].shape[0] if ls else None for k, ls in zip(keys, live)]
-        if None in widths:  # a module no segment adapts: its width from the split of `out`
-            # (adapters target q/k/v and gate/up as groups, so at most one of a projection's modules is bare)
-            assert widths.count(None) == 1, f"cannot split the output among {keys}: several have no adapter"
-            known = sum(w for w in widths if w is not None)
-            widths = [w if w is not None else out.shape[1] - known for w in widths]
+        widths = self._widths(keys, live, out.shape[1])
         if not self.fused:
             pieces = out.split(widths, dim=-1) if len(keys) > 1 else (out,)
             done = [self._reference(k, x, p, row_offset, ls) for k, p, ls in zip(keys, pieces, live)]
             return done[0] if len(done) == 1 else torch.cat(done, dim=-1)
         return self._fused(keys, widths, live, x, out, row_offset)
+
+    def _widths(self, keys: tuple[str, ...], live: list[tuple[int, ...]], total: int) -> list[int]:
+        widths = [self.segments[ls[0]].weights.b[k].shape[0] if ls else None for k, ls in zip(keys, live)]
+        if None in widths:  # a module no segment adapts: its width from the split of the output
+            # (adapters target q/k/v and gate/up as groups, so at most one of a projection's modules is bare)
+            assert widths.count(None) == 1, f"cannot split the output among {keys}: several have no adapter"
+            known = sum(w for w in widths if w is not None)
+            widths = [w if w is not None else total - known for w in widths]
+        return widths
 
     def _reference(self, key: str, x: torch.Tensor, out: torch.Tensor, row_offset: int,
                    live: tuple[int, ...]) -> torch.Tensor:
@@ -95,7 +112,8 @@ class TrainLora:
         return out + torch.cat(pieces).to(out.dtype)
 
     def _fused(self, keys: tuple[str, ...], widths: list[int], live: list[tuple[int, ...]], x: torch.Tensor,
-               out: torch.Tensor, row_offset: int) -> torch.Tensor:
+               out: torch.Tensor | None, row_offset: int,
+               base: tuple[torch.Tensor, torch.Tensor | None] = (None, None)) -> torch.Tensor:
         n = x.shape[0]
         masters: list[torch.Tensor] = []
         index: dict[tuple[int, int], int] = {}  # (module, segment) -> its (A, B) pair's place in `masters`
@@ -116,7 +134,7 @@ class TrainLora:
             pairs = tuple((j, index[(j, i)]) for j, ls in enumerate(live) for i in ls)
             groups = (_RowGroup(0, n, pairs, 0),)
             scales = (self._scale_matrix(live, x.dtype, x.device)[row_offset:row_offset + n],)
-        return _LoraAdd.apply(x, out, _Layout(tuple(widths), groups), *scales, *masters)
+        return _LoraAdd.apply(x, out, *base, _Layout(tuple(widths), groups), *scales, *masters)
 
     def _scale_matrix(self, live: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[batch rows, Σ rank over (module, segment)]: each segment's scale on its own rows and rank columns."""
@@ -165,14 +183,21 @@ class _Layout:
 
 
 class _LoraAdd(torch.autograd.Function):
-    """out[rows of g] += Σ_modules expand(scale ⊙ shrink(x[rows of g])) for each row group g, in place.
-    Inputs after the layout: the groups' scale matrices, then the masters (A, B per pair)."""
+    """out[rows of g] += Σ_modules expand(scale ⊙ shrink(x[rows of g])) for each row group g, in place; `out` is
+    given, or (out None) the frozen base `F.linear(x, weight, bias)` computed here. Inputs after the layout: the
+    groups' scale matrices, then the masters (A, B per pair)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out: torch.Tensor, layout: _Layout, *tensors: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, layout: _Layout, *tensors: torch.Tensor) -> torch.Tensor:
         n_scales = sum(1 for g in layout.groups if not isinstance(g.scale, float))
         scales, masters = tensors[:n_scales], tensors[n_scales:]
         dtype = x.dtype
+        if out is None:
+            assert weight is not None and not weight.requires_grad, "the base weight must be frozen"
+            out = F.linear(x, weight, bias)
+        else:
+            ctx.mark_dirty(out)
         saved: list[torch.Tensor] = []
         for g in layout.groups:
             rows = slice(g.start, g.end)
@@ -187,10 +212,9 @@ class _LoraAdd(torch.autograd.Function):
                 out[rows, cols].addmm_(xa[:, rc:rc + b.shape[1]], b.t())
                 saved.append(b)
                 rc += b.shape[1]
-        ctx.mark_dirty(out)
         # The masters are leaves: holding them (for their .grad) makes no reference cycle.
-        ctx.layout, ctx.masters = layout, masters
-        ctx.save_for_backward(x, *scales, *saved)
+        ctx.layout, ctx.masters, ctx.given_out = layout, masters, weight is None
+        ctx.save_for_backward(x, weight, *scales, *saved)
         return out
 
     @staticmethod
@@ -198,12 +222,14 @@ class _LoraAdd(torch.autograd.Function):
         layout: _Layout = ctx.layout
         masters = ctx.masters
         n_scales = sum(1 for g in layout.groups if not isinstance(g.scale, float))
-        x, *rest = ctx.saved_tensors
+        x, weight, *rest = ctx.saved_tensors
         scales, saved = rest[:n_scales], rest[n_scales:]
         need_x = ctx.needs_input_grad[0]
-        masters_need = ctx.needs_input_grad[3 + n_scales:]
+        masters_need = ctx.needs_input_grad[5 + n_scales:]
         dx = None
-        if need_x:  # the groups' rows are disjoint: each writes its own rows of dx, the rest (if any) are zero
+        if need_x and weight is not None:  # the base's input gradient; the adapters' add into it below
+            dx = dy @ weight
+        elif need_x:  # the groups' rows are disjoint: each writes its own rows of dx, the rest (if any) are zero
             covered = sum(g.end - g.start for g in layout.groups) == x.shape[0]
             dx = x.new_empty(x.shape) if covered else x.new_zeros(x.shape)
         dst, src = [], []
@@ -222,14 +248,16 @@ class _LoraAdd(torch.autograd.Function):
                 rc += b.shape[1]
             d_xa = (torch.cat(d_xa, dim=1) if len(d_xa) > 1 else d_xa[0]).mul_(
                 g.scale if isinstance(g.scale, float) else scales[g.scale])
-            if need_x:
+            if need_x and weight is not None:
+                dx[rows].addmm_(d_xa, a)
+            elif need_x:
                 torch.mm(d_xa, a, out=dx[rows])
             if any(masters_need[2 * mi] or masters_need[2 * mi + 1] for _, mi in g.pairs):
                 _collect(masters, masters_need, g, d_xa.t() @ x[rows], g_b, dst, src)
         if dst:
             torch._foreach_add_(dst, src)
-        # `out` passes its gradient through unchanged; the masters' gradients were added above.
-        return (dx, dy, None) + (None,) * (n_scales + len(masters))
+        # A given `out` passes its gradient through unchanged; the masters' gradients were added above.
+        return (dx, dy if ctx.given_out else None, None, None, None) + (None,) * (n_scales + len(masters))
 
 
 def _collect(masters: tuple[torch.Tensor, ...], need: tuple[bool, ...], g: _RowGroup, g_a: torch.Tensor,
