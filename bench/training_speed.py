@@ -282,7 +282,7 @@ def profile(step) -> dict:
         wall = time.perf_counter() - t0
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.self_device_time_total for e in events) / 1e6
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:20]
     return {"wall_s": wall, "gpu_busy_s": busy, "kernels": sum(e.count for e in events),
             "top": [(e.key[:70], round(e.self_device_time_total / 1e3, 2), e.count) for e in top]}
 
@@ -385,7 +385,7 @@ def main() -> int:
                 p = o[key]
                 print(f"{name:14} {label:24} wall {p['wall_s'] * 1e3:.0f} ms, GPU busy "
                       f"{p['gpu_busy_s'] * 1e3:.0f} ms, {p['kernels']} kernels")
-                for kernel, ms, count in p["top"][:8]:
+                for kernel, ms, count in p["top"][:14]:
                     print(f"{'':16}{ms:8.1f} ms {count:5}x  {kernel}")
         print(f"{name:14} {'handoff (snap+slot)':24} {o['handoff_ms']:8.2f}ms  snapshot alone {o['snapshot_ms']:.2f} ms")
         for peer in ("peft", "peft+liger"):
