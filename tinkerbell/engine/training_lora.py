@@ -32,8 +32,10 @@ from tinkerbell.engine.lora import LoraSegment
 # Several runs in one call: when every run has at least this many rows, each run's rows go through its own
 # adapter's matmuls (exact work, a few launches per run); below it one set of matmuls over all rows with every
 # run's adapter stacked along the rank, a scale matrix zeroing the products outside each run's rows (few
-# launches, Σ rank of wasted columns).
-SEGMENT_MIN_ROWS = 256
+# launches, Σ rank of wasted columns). Measured on an H100 (docs/benchmarks.md, fifth session), 8 runs × 1,024
+# rows: stacked 28.6k tokens/s on the 1B model and 12.5k on the 8B, per-run 14.7k and 10.0k (the step is
+# launch-bound, and per-run matmuls multiply the launches), hence a threshold only very long runs reach.
+SEGMENT_MIN_ROWS = 8192
 
 
 class TrainLora:
@@ -43,6 +45,7 @@ class TrainLora:
         self.segments = [s for s in segments if s.weights is not None]
         self.fused = fused
         self._scales: dict[tuple, torch.Tensor] = {}
+        self._row_segment: torch.Tensor | None = None  # [batch rows] int32: each row's segment (-1: none)
 
     def _live(self, key: str, row_offset: int, n: int) -> tuple[int, ...]:
         return tuple(i for i, seg in enumerate(self.segments) if key in seg.weights.a
@@ -137,19 +140,25 @@ class TrainLora:
         return _LoraAdd.apply(x, out, *base, _Layout(tuple(widths), groups), *scales, *masters)
 
     def _scale_matrix(self, live: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """[batch rows, Σ rank over (module, segment)]: each segment's scale on its own rows and rank columns."""
+        """[batch rows, Σ rank over (module, segment)]: each segment's scale on its own rows and rank columns.
+        Built on the device from a per-row segment index and a per-column (segment, scale) pair, a few KB to
+        copy: built on the host it was tens of MB of pageable copies a step at 8k rows (q/k/v of 8 rank-32 runs:
+        8192 × 768 floats), which the H100's 8-run step waited for."""
         key = (tuple(live), dtype, device)
         full = self._scales.get(key)
         if full is None:
+            if self._row_segment is None or self._row_segment.device != device:
+                host = np.full(max(s.end for s in self.segments), -1, np.int32)
+                for i, seg in enumerate(self.segments):
+                    host[seg.start:seg.end] = i
+                self._row_segment = torch.from_numpy(host).to(device, non_blocking=True)
             cols = [i for ls in live for i in ls]
-            host = np.zeros((max(s.end for s in self.segments),
-                             sum(self.segments[i].weights.spec.rank for i in cols)), np.float32)
-            at = 0
-            for i in cols:
-                seg = self.segments[i]
-                host[seg.start:seg.end, at:at + seg.weights.spec.rank] = seg.weights.spec.scale
-                at += seg.weights.spec.rank
-            full = torch.from_numpy(host).to(device=device, dtype=dtype, non_blocking=True)
+            ranks = [self.segments[i].weights.spec.rank for i in cols]
+            col_segment = torch.from_numpy(np.repeat(np.asarray(cols, np.int32), ranks)).to(device, non_blocking=True)
+            col_scale = torch.from_numpy(np.repeat(np.asarray([self.segments[i].weights.spec.scale for i in cols],
+                                                              np.float32), ranks)).to(device, non_blocking=True)
+            full = torch.where(self._row_segment[:, None] == col_segment[None, :], col_scale[None, :],
+                               0.0).to(dtype)
             self._scales[key] = full
         return full
 
