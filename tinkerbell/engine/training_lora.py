@@ -179,16 +179,17 @@ class _Layout:
     widths: tuple[int, ...]  # output width of each module, side by side in `out`
     groups: tuple[_RowGroup, ...]
 
-    def modules(self, g: _RowGroup):
+    def modules(self, g: _RowGroup) -> list[tuple[slice, list[int]]]:
         """(output columns, master pair indices) of each module that row group g touches, in order."""
-        col0 = np.concatenate([[0], np.cumsum(self.widths)]).tolist()
-        at = 0
-        while at < len(g.pairs):
-            j, mis = g.pairs[at][0], []
-            while at < len(g.pairs) and g.pairs[at][0] == j:
-                mis.append(g.pairs[at][1])
-                at += 1
-            yield slice(col0[j], col0[j + 1]), mis
+        col0 = [0]
+        for w in self.widths:
+            col0.append(col0[-1] + w)
+        out: list[tuple[slice, list[int]]] = []
+        for j, mi in g.pairs:  # module-major: a module's pairs are consecutive
+            if not out or out[-1][0].start != col0[j]:
+                out.append((slice(col0[j], col0[j + 1]), []))
+            out[-1][1].append(mi)
+        return out
 
 
 class _LoraAdd(torch.autograd.Function):
