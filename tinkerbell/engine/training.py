@@ -7,8 +7,10 @@ padding; each run's rows use its own adapter (one `LoraSegment` per run), so the
 requests to `run_segments` at once. The batch runs in as few micro-batches as the measured memory plan allows
 (training_memory.py), with layer checkpointing only where a micro-batch would not fit without it; gradients
 accumulate across micro-batches as across calls. The forward is training_forward.py's (all sequences in one
-attention call per layer on GPU, LoRA in the model's dtype). Logits are computed in row chunks under activation
-checkpointing, so only one [chunk, vocab] block is alive at a time, in the forward and in the backward.
+attention call per layer on GPU, LoRA in the model's dtype). Logits are computed in row chunks; each chunk's
+log-probabilities come from its bf16 logits by a fused kernel on GPU (kernels/train_ops.py). Where the memory plan
+has room the chunks' logits are kept for the backward; otherwise each chunk runs under activation checkpointing,
+so only one [chunk, vocab] block is alive at a time, in the forward and in the backward.
 `optim_steps` steps many runs' AdamW in one fused update.
 
 Tensor parallel (`tp`): each rank holds its pieces of every run's adapter and moments (engine/tp/shard.py) and
@@ -32,8 +34,8 @@ from torch.utils.checkpoint import checkpoint
 from tinkerbell.engine.adapter_io import load_peft, save_peft
 from tinkerbell.engine.batch import BatchContext
 from tinkerbell.engine.lora import AdapterWeights, LoraSegment, LoraSpec, module_shape
-from tinkerbell.engine.losses import LossConfig, LossFn, flat_inputs, resolve, validate
 from tinkerbell.engine.kernels.train_ops import target_logprobs
+from tinkerbell.engine.losses import LossConfig, LossFn, flat_inputs, resolve, validate
 from tinkerbell.engine.models.llama import CausalLM
 from tinkerbell.engine.optimizer import AdamW, check_params, fused_step
 from tinkerbell.engine.tp.group import TPGroup, reduce_from_tp
@@ -97,8 +99,9 @@ class Trainer:
                  logits_chunk_elems: int = DEFAULT_LOGITS_CHUNK_ELEMS, checkpoint_layers: bool | None = None,
                  gpu_paths: bool | None = None, memory: MemoryPlan | None = None, tp: TPGroup | None = None):
         """`checkpoint_layers` None: by the memory plan; `gpu_paths` (None: on CUDA) turns on padded attention
-        and the fused multi-adapter LoRA (training_lora.py) instead of per-sequence / per-segment loops; `memory`: a fixed plan
-        instead of the measured one (tests); `tp`: the model's tensor-parallel group (default: `model.tp`)."""
+        and the fused multi-adapter LoRA (training_lora.py) instead of per-sequence / per-segment loops;
+        `memory`: a fixed plan instead of the measured one (tests); `tp`: the model's tensor-parallel group
+        (default: `model.tp`)."""
         self.model = model
         self.cfg = model.cfg  # the full model's (validation, whole-adapter shapes)
         self.tp = tp if tp is not None else getattr(model, "tp", None)
