@@ -179,6 +179,28 @@ def test_packed_runs_equal_separate_calls(model, monkeypatch, gpu_paths, plan, p
             assert ((x - y).norm() / y.norm()).item() <= 1e-5
 
 
+@pytest.mark.parametrize("loss_fn", ["gspo", "cross_entropy"])
+def test_consecutive_requests_with_one_loss_share_its_computation_and_equal_separate_calls(model, loss_fn):
+    """Three runs' requests with the same loss in a row are one loss computation (a sequence-level loss still
+    normalises per datum, across the merged requests); each run's losses and gradients are its own call's."""
+    vocab = model.cfg.vocab_size
+    packed, alone = Trainer(model, CPU, gpu_paths=True), Trainer(model, CPU)
+    reqs = [(run, _data(vocab, 20 + i, (3 + i, 5))) for i, run in enumerate(("x", "y", "z"))]
+    for t in (packed, alone):
+        for i, (run, _) in enumerate(reqs):
+            t.create(run, LoraSpec(rank=4), seed=i)
+            t.forward_backward(run, _data(vocab, 9), "cross_entropy", {}, False)
+            t.optim_step(run, HP)
+    results = packed.run_segments([packed.prepare(r, d, loss_fn, {}, False) for r, d in reqs])
+    for (run, data), res in zip(reqs, results):
+        ref = alone.forward_backward(run, data, loss_fn, {}, False)
+        assert res.metrics["loss:sum"] == pytest.approx(ref.metrics["loss:sum"], rel=1e-5, abs=1e-6)
+        for x, y in zip(res.outputs, ref.outputs):
+            np.testing.assert_allclose(x["elementwise_loss"], y["elementwise_loss"], rtol=1e-5, atol=1e-6)
+        for x, y in zip(packed._runs[run].weights.parameters(), alone._runs[run].weights.parameters()):
+            assert ((x.grad - y.grad).norm() / y.grad.norm().clamp(min=1e-12)).item() <= 1e-5
+
+
 def test_microbatches_cut_at_datum_boundaries():
     from tinkerbell.engine.training import TrainSegment, _split
 

@@ -24,6 +24,7 @@ is an ordinary PEFT adapter whatever the TP degree; `load` reads it whole and ke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -288,18 +289,20 @@ class Trainer:
             hidden = hidden_states(self.model, ids, ctx, attend, need_grad and checkpointed)
             lp_flat = self._target_logprobs(hidden, ctx, local, rebuild=not keep_logits)
             losses, to_backprop, at = [], [], 0
-            for i, d0, d1 in items:
-                seg = segments[i]
-                sizes = [int(np.asarray(d.inputs["target_tokens"]).size) for d in seg.data[d0:d1]]
+            # Consecutive requests with the same loss, config and mode share one loss computation (its inputs in
+            # one copy each): a batch of many runs' cross-entropy requests is one loss, not one per run.
+            for (loss, config, forward_only), parts in groupby(
+                    items, key=lambda it: (segments[it[0]].loss, segments[it[0]].config, segments[it[0]].forward_only)):
+                data = [d for i, d0, d1 in parts for d in segments[i].data[d0:d1]]
+                sizes = [int(np.asarray(d.inputs["target_tokens"]).size) for d in data]
                 lp = lp_flat[at:at + sum(sizes)]
                 at += sum(sizes)
                 group = None
-                if len(sizes) > 1:
+                if len(sizes) > 1:  # each datum is its own group for sequence-level losses
                     group = torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)).to(dev, non_blocking=True)
-                inputs = flat_inputs(seg.data[d0:d1], seg.loss, seg.config, lp.device)
-                elementwise = seg.loss.compute(lp, inputs, seg.config, group)
+                elementwise = loss.compute(lp, flat_inputs(data, loss, config, lp.device), config, group)
                 losses.append(elementwise.detach())
-                if not seg.forward_only:
+                if not forward_only:
                     to_backprop.append(elementwise.sum())
             if to_backprop:
                 torch.stack(to_backprop).sum().backward()
