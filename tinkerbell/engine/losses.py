@@ -107,7 +107,9 @@ def _gspo(lp: torch.Tensor, x: Inputs, cfg: LossConfig, group: torch.Tensor | No
     if group is None:
         log_ratio = masked.sum() / mask.sum().clamp(min=1.0)
     else:
-        n = int(group.max()) + 1 if group.numel() else 0
+        # Sized by the element count (≥ the number of datums) rather than group.max() + 1, which would stop the
+        # host until the GPU caught up, mid-step.
+        n = group.numel()
         num = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add_(0, group, masked.reshape(-1))
         den = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add_(0, group, mask.reshape(-1))
         log_ratio = (num / den.clamp(min=1.0))[group].view_as(lp)
