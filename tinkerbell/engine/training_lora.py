@@ -22,6 +22,7 @@ layer at 8k tokens on the 1B model, and the per-run gradient slices need one cop
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -61,10 +62,11 @@ class TrainLora:
         gate/up weight) plus each row's adapter deltas. The fused form runs the base matmul inside its own
         autograd node, so the backward adds the adapters' input gradient into the base's (one GEMM epilogue)
         instead of autograd summing two [rows, in] gradients in a separate pass."""
-        n = x.shape[0]
-        live = [self._live(k, 0, n) for k in keys]
-        if not self.fused or not any(live):
+        if not self.fused:
             return self.add(keys, x, F.linear(x, weight, bias))
+        live = [self._live(k, 0, x.shape[0]) for k in keys]
+        if not any(live):
+            return F.linear(x, weight, bias)
         return self._fused(keys, self._widths(keys, live, weight.shape[0]), live, x, None, 0, (weight, bias))
 
     def add(self, keys: tuple[str, ...], x: torch.Tensor, out: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
@@ -179,17 +181,26 @@ class _Layout:
     widths: tuple[int, ...]  # output width of each module, side by side in `out`
     groups: tuple[_RowGroup, ...]
 
-    def modules(self, g: _RowGroup) -> list[tuple[slice, list[int]]]:
-        """(output columns, master pair indices) of each module that row group g touches, in order."""
+    @cached_property
+    def modules(self) -> list[list[tuple[slice, list[int]]]]:
+        """Per row group: (output columns, master pair indices) of each module it touches, in order."""
         col0 = [0]
         for w in self.widths:
             col0.append(col0[-1] + w)
-        out: list[tuple[slice, list[int]]] = []
-        for j, mi in g.pairs:  # module-major: a module's pairs are consecutive
-            if not out or out[-1][0].start != col0[j]:
-                out.append((slice(col0[j], col0[j + 1]), []))
-            out[-1][1].append(mi)
-        return out
+        per_group = []
+        for g in self.groups:
+            out: list[tuple[slice, list[int]]] = []
+            for j, mi in g.pairs:  # module-major: a module's pairs are consecutive
+                if not out or out[-1][0].start != col0[j]:
+                    out.append((slice(col0[j], col0[j + 1]), []))
+                out[-1][1].append(mi)
+            per_group.append(out)
+        return per_group
+
+    @cached_property
+    def n_scales(self) -> int:
+        """How many groups take a scale matrix (the call's first tensor inputs after the layout)."""
+        return sum(1 for g in self.groups if not isinstance(g.scale, float))
 
 
 class _LoraAdd(torch.autograd.Function):
@@ -200,8 +211,7 @@ class _LoraAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor | None,
                 bias: torch.Tensor | None, layout: _Layout, *tensors: torch.Tensor) -> torch.Tensor:
-        n_scales = sum(1 for g in layout.groups if not isinstance(g.scale, float))
-        scales, masters = tensors[:n_scales], tensors[n_scales:]
+        scales, masters = tensors[:layout.n_scales], tensors[layout.n_scales:]
         dtype = x.dtype
         if out is None:
             assert weight is not None and not weight.requires_grad, "the base weight must be frozen"
@@ -209,14 +219,14 @@ class _LoraAdd(torch.autograd.Function):
         else:
             ctx.mark_dirty(out)
         saved: list[torch.Tensor] = []
-        for g in layout.groups:
+        for g, modules in zip(layout.groups, layout.modules):
             rows = slice(g.start, g.end)
             a_list = [masters[2 * mi] for _, mi in g.pairs]
             a = (torch.cat(a_list) if len(a_list) > 1 else a_list[0]).to(dtype)  # [Σ rank, in]
             xa = (x[rows] @ a.t()).mul_(g.scale if isinstance(g.scale, float) else scales[g.scale])
             saved += [xa, a]
             rc = 0
-            for cols, mis in layout.modules(g):
+            for cols, mis in modules:
                 b_list = [masters[2 * mi + 1] for mi in mis]
                 b = (torch.cat(b_list, dim=1) if len(b_list) > 1 else b_list[0]).to(dtype)  # [width, rank]
                 out[rows, cols].addmm_(xa[:, rc:rc + b.shape[1]], b.t())
@@ -231,7 +241,7 @@ class _LoraAdd(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         layout: _Layout = ctx.layout
         masters = ctx.masters
-        n_scales = sum(1 for g in layout.groups if not isinstance(g.scale, float))
+        n_scales = layout.n_scales
         x, weight, *rest = ctx.saved_tensors
         scales, saved = rest[:n_scales], rest[n_scales:]
         need_x = ctx.needs_input_grad[0]
@@ -244,12 +254,12 @@ class _LoraAdd(torch.autograd.Function):
             dx = x.new_empty(x.shape) if covered else x.new_zeros(x.shape)
         dst, src = [], []
         at = 0
-        for g in layout.groups:
+        for g, modules in zip(layout.groups, layout.modules):
             rows = slice(g.start, g.end)
             xa, a = saved[at], saved[at + 1]
             at += 2
             d_xa, g_b, rc = [], [], 0
-            for cols, mis in layout.modules(g):
+            for cols, mis in modules:
                 b = saved[at]
                 at += 1
                 dyj = dy[rows, cols]
@@ -280,7 +290,7 @@ def _collect(masters: tuple[torch.Tensor, ...], need: tuple[bool, ...], g: _RowG
     row = 0
     for mis, gb in g_b:
         ranks = [masters[2 * mi].shape[0] for mi in mis]
-        gb_parts = _per_run_columns(gb.to(dtype), ranks)
+        gb_parts = _per_run_columns(gb, ranks, dtype)
         for mi, r, gbi in zip(mis, ranks, gb_parts):
             for m, grad, ok in ((masters[2 * mi], g_a[row:row + r], need[2 * mi]),
                                 (masters[2 * mi + 1], gbi, need[2 * mi + 1])):
@@ -294,13 +304,15 @@ def _collect(masters: tuple[torch.Tensor, ...], need: tuple[bool, ...], g: _RowG
             row += r
 
 
-def _per_run_columns(gb: torch.Tensor, ranks: list[int]) -> list[torch.Tensor]:
-    """Split [width, Σ rank] into each run's [width, rank], contiguous like the masters: the optimizer's
-    multi-tensor kernels take their fast path only when every gradient is laid out as its parameter (one
-    strided gradient sends a whole step to per-tensor kernels: ~1,800 extra launches at 8 runs on the 1B model,
-    measured). Equal ranks: one copy for all runs."""
+def _per_run_columns(gb: torch.Tensor, ranks: list[int], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Split [width, Σ rank] into each run's [width, rank] in `dtype`, contiguous like the masters: the
+    optimizer's multi-tensor kernels take their fast path only when every gradient is laid out as its parameter
+    (one strided gradient sends a whole step to per-tensor kernels: ~1,800 extra launches at 8 runs on the 1B
+    model, measured). Equal ranks: the cast and the regrouping are one copy for all runs."""
     if len(ranks) == 1:
-        return [gb]
+        return [gb.to(dtype)]
     if len(set(ranks)) == 1:
-        return list(gb.view(gb.shape[0], len(ranks), ranks[0]).transpose(0, 1).contiguous().unbind(0))
-    return [part.contiguous() for part in gb.split(ranks, dim=1)]
+        out = gb.new_empty((len(ranks), gb.shape[0], ranks[0]), dtype=dtype)
+        out.copy_(gb.view(gb.shape[0], len(ranks), ranks[0]).transpose(0, 1))
+        return list(out.unbind(0))
+    return [part.to(dtype).contiguous() for part in gb.split(ranks, dim=1)]

@@ -53,6 +53,21 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
 
 
 @triton.jit
+def rotate_heads(src, src_h, dst, dst_h, c, s, NH: tl.constexpr, NHP: tl.constexpr, HALF: tl.constexpr):
+    """RoPE of one token's NH heads (padded to NHP): src/dst point at the token's first head, heads `*_h` apart;
+    c/s are the [HALF] cos/sin of its angle."""
+    i = tl.arange(0, HALF)
+    h = tl.arange(0, NHP)
+    m = (h < NH)[:, None]
+    x = src + h[:, None] * src_h + i[None, :]
+    x1 = tl.load(x, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF, mask=m, other=0.0).to(tl.float32)
+    o = dst + h[:, None] * dst_h + i[None, :]
+    tl.store(o, (x1 * c[None, :] - x2 * s[None, :]).to(dst.dtype.element_ty), mask=m)
+    tl.store(o + HALF, (x2 * c[None, :] + x1 * s[None, :]).to(dst.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr, qo_ptr,
                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
                  stride_cs, stride_ch, stride_ot, stride_oh,
@@ -63,21 +78,11 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr
     i = tl.arange(0, HALF)
     c = tl.load(cos_ptr + t * stride_ct + i).to(tl.float32)
     s = tl.load(sin_ptr + t * stride_ct + i).to(tl.float32)
-    h = tl.arange(0, HP)
-    hm = (h < H)[:, None]
-    q1 = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + i[None, :], mask=hm, other=0.0).to(tl.float32)
-    q2 = tl.load(q_ptr + t * stride_qt + h[:, None] * stride_qh + HALF + i[None, :], mask=hm, other=0.0).to(tl.float32)
-    qo = qo_ptr + t * stride_ot + h[:, None] * stride_oh + i[None, :]
-    tl.store(qo, (q1 * c[None, :] - q2 * s[None, :]).to(qo_ptr.dtype.element_ty), mask=hm)
-    tl.store(qo + HALF, (q2 * c[None, :] + q1 * s[None, :]).to(qo_ptr.dtype.element_ty), mask=hm)
+    rotate_heads(q_ptr + t * stride_qt, stride_qh, qo_ptr + t * stride_ot, stride_oh, c, s, H, HP, HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
+    rotate_heads(k_ptr + t * stride_kt, stride_kh, kc_ptr + slot * stride_cs, stride_ch, c, s, KVH, KP, HALF)
     kh = tl.arange(0, KP)
     km = (kh < KVH)[:, None]
-    k1 = tl.load(k_ptr + t * stride_kt + kh[:, None] * stride_kh + i[None, :], mask=km, other=0.0).to(tl.float32)
-    k2 = tl.load(k_ptr + t * stride_kt + kh[:, None] * stride_kh + HALF + i[None, :], mask=km, other=0.0).to(tl.float32)
-    ko = kc_ptr + slot * stride_cs + kh[:, None] * stride_ch + i[None, :]
-    tl.store(ko, (k1 * c[None, :] - k2 * s[None, :]).to(kc_ptr.dtype.element_ty), mask=km)
-    tl.store(ko + HALF, (k2 * c[None, :] + k1 * s[None, :]).to(kc_ptr.dtype.element_ty), mask=km)
     d = tl.arange(0, 2 * HALF)
     v = tl.load(v_ptr + t * stride_vt + kh[:, None] * stride_vh + d[None, :], mask=km, other=0.0)
     tl.store(vc_ptr + slot * stride_cs + kh[:, None] * stride_ch + d[None, :], v.to(vc_ptr.dtype.element_ty),

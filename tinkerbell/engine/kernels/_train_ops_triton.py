@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tinkerbell.engine.kernels._fused_layer_triton import _add_rmsnorm_kernel, norm_launch
+from tinkerbell.engine.kernels._fused_layer_triton import _add_rmsnorm_kernel, norm_launch, rotate_heads
 from tinkerbell.engine.kernels._fused_layer_triton import silu_mul as silu_mul_forward  # noqa: F401
 
 
@@ -66,22 +66,10 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vo_ptr,
     i = tl.arange(0, HALF)
     c = tl.load(cos_ptr + t * s_cos + i).to(tl.float32)
     s = tl.load(sin_ptr + t * s_cos + i).to(tl.float32) * SIGN
-    h = tl.arange(0, HP)
-    hm = (h < H)[:, None]
-    q = q_ptr + t * sq_t + h[:, None] * sq_h + i[None, :]
-    q1 = tl.load(q, mask=hm, other=0.0).to(tl.float32)
-    q2 = tl.load(q + HALF, mask=hm, other=0.0).to(tl.float32)
-    qo = qo_ptr + t * sqo_t + h[:, None] * sqo_h + i[None, :]
-    tl.store(qo, (q1 * c[None, :] - q2 * s[None, :]).to(qo_ptr.dtype.element_ty), mask=hm)
-    tl.store(qo + HALF, (q2 * c[None, :] + q1 * s[None, :]).to(qo_ptr.dtype.element_ty), mask=hm)
+    rotate_heads(q_ptr + t * sq_t, sq_h, qo_ptr + t * sqo_t, sqo_h, c, s, H, HP, HALF)
+    rotate_heads(k_ptr + t * sk_t, sk_h, ko_ptr + t * sko_t, sko_h, c, s, KVH, KP, HALF)
     kh = tl.arange(0, KP)
     km = (kh < KVH)[:, None]
-    k = k_ptr + t * sk_t + kh[:, None] * sk_h + i[None, :]
-    k1 = tl.load(k, mask=km, other=0.0).to(tl.float32)
-    k2 = tl.load(k + HALF, mask=km, other=0.0).to(tl.float32)
-    ko = ko_ptr + t * sko_t + kh[:, None] * sko_h + i[None, :]
-    tl.store(ko, (k1 * c[None, :] - k2 * s[None, :]).to(ko_ptr.dtype.element_ty), mask=km)
-    tl.store(ko + HALF, (k2 * c[None, :] + k1 * s[None, :]).to(ko_ptr.dtype.element_ty), mask=km)
     d = tl.arange(0, 2 * HALF)
     v = tl.load(v_ptr + t * sv_t + kh[:, None] * sv_h + d[None, :], mask=km, other=0.0)
     tl.store(vo_ptr + t * svo_t + kh[:, None] * svo_h + d[None, :], v.to(vo_ptr.dtype.element_ty), mask=km)

@@ -48,7 +48,7 @@ def rope_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     return rope_cache_write_torch(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -57,8 +57,8 @@ def rope_cache_write_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
                            sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> torch.Tensor:
     c, s = cos[:, None, :], sin[:, None, :]
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
+    q = q * c + rotate_half(q) * s
+    k = k * c + rotate_half(k) * s
     k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
     return q

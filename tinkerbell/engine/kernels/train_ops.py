@@ -12,10 +12,11 @@ it, the same ops as the model's modules (models/llama.py), which is also the ker
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tinkerbell.engine import kernels
 from tinkerbell.engine.kernels import use_triton
+# the decode path's torch forms, which are these ops' too
+from tinkerbell.engine.kernels.fused_layer import rotate_half, silu_mul_torch
 
 
 def _fused(t: torch.Tensor) -> bool:
@@ -75,11 +76,6 @@ def _split_qkv(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int):
     return q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rope_qkv_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
                    head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _split_qkv(qkv, heads, kv_heads, head_dim)
@@ -119,11 +115,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if _fused(gate_up) and gate_up.stride(-1) == 1:
         return _SiluMul.apply(gate_up)
     return silu_mul_torch(gate_up)
-
-
-def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
-    g, u = gate_up.chunk(2, dim=-1)
-    return F.silu(g) * u
 
 
 class _SiluMul(torch.autograd.Function):
