@@ -195,8 +195,10 @@ def test_sigkill_of_a_replica_mid_traffic_loses_no_retryable_request(cluster, ti
                 errors.append(f"openai: {r.status_code} {r.text}")
             done["openai"] += 1
 
-    threads = [threading.Thread(target=sdk_traffic, args=(s,)) for s in samplers]
-    threads += [threading.Thread(target=openai_traffic) for _ in range(2)]
+    # Daemon threads: once in a CI run (2026-12-07) an SDK sample future in flight at the kill never resolved, and
+    # a non-daemon thread blocked on it kept the test process from exiting after every test had passed.
+    threads = [threading.Thread(target=sdk_traffic, args=(s,), daemon=True) for s in samplers]
+    threads += [threading.Thread(target=openai_traffic, daemon=True) for _ in range(2)]
     for t in threads:
         t.start()
     time.sleep(1.0)
