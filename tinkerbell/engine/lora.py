@@ -86,6 +86,8 @@ class AdapterWeights:
     spec: LoraSpec
     a: dict[str, torch.Tensor] = field(default_factory=dict)
     b: dict[str, torch.Tensor] = field(default_factory=dict)
+    # A training run's masters: the one buffer that every A and B is a view of (training_params.pack).
+    flat: torch.Tensor | None = None
 
     @classmethod
     def init(

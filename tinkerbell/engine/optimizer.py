@@ -22,6 +22,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tinkerbell.engine.training_params import views_like
 from tinkerbell.engine.types import AdamParams, EngineUserError
 
 if TYPE_CHECKING:
@@ -55,14 +56,27 @@ class AdamW:
     # Tensor parallel: whether this rank counts each parameter in the global gradient norm (the first of the
     # ranks holding a replicated tensor does; every rank counts its split pieces). None: all of them.
     norm_owner: dict[str, bool] | None = None
+    # Parameters packed in one buffer (training_params.pack), in `params` order: that buffer and the moments'
+    # matching buffers (the dicts' entries are views of them), so a step is a few ops on three tensors.
+    flat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def for_params(cls, params: dict[str, torch.Tensor]) -> "AdamW":
-        return cls(
-            params=params,
-            exp_avg={k: torch.zeros_like(p) for k, p in params.items()},
-            exp_avg_sq={k: torch.zeros_like(p) for k, p in params.items()},
-        )
+    def for_params(cls, params: dict[str, torch.Tensor], flat: torch.Tensor | None = None) -> "AdamW":
+        """Zero moments for `params`; with `flat` (the buffer the params tile, in order) the moments are
+        buffers laid out alike."""
+        if flat is None:
+            return cls(params=params, exp_avg={k: torch.zeros_like(p) for k, p in params.items()},
+                       exp_avg_sq={k: torch.zeros_like(p) for k, p in params.items()})
+        at = flat.storage_offset()
+        for p in params.values():  # the flat step relies on it: gradients concatenated in dict order tile `flat`
+            assert p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() and p.storage_offset() == at, \
+                "the parameters must tile the flat buffer in order"
+            at += p.numel()
+        assert at == flat.storage_offset() + flat.numel(), "the parameters must tile the flat buffer in order"
+        m, v = torch.zeros_like(flat), torch.zeros_like(flat)
+        tensors = list(params.values())
+        return cls(params=params, exp_avg=dict(zip(params, views_like(m, flat, tensors))),
+                   exp_avg_sq=dict(zip(params, views_like(v, flat, tensors))), flat=(flat, m, v))
 
     def step(self, hp: AdamParams) -> dict[str, float]:
         """One AdamW step on the accumulated gradients, which are then cleared. Parameters without a gradient
@@ -103,7 +117,7 @@ class AdamW:
                     if t.shape != p.shape:
                         raise EngineUserError("the checkpoint's optimizer state does not match its adapter's "
                                               f"shapes ({kind}.{k}: {list(t.shape)} vs {list(p.shape)})")
-                    moments[k] = t.to(device=p.device, dtype=p.dtype)
+                    moments[k].copy_(t)  # in place: the entries may be views of one buffer
             self.step_count = int(meta["step"])
 
 
@@ -135,12 +149,23 @@ def fused_step(opts: Sequence[AdamW], hps: Sequence[AdamParams],
     if not live:
         return results  # type: ignore[return-value]
 
-    grads_of = [[opt.params[k].grad for k in keys] for _, opt, _, keys in live]
+    # Per run, the tensors the step works on: a packed run's three buffers and its gradients concatenated in
+    # one copy (when every parameter has one and the norm is not tensor-parallel), else every tensor.
+    grads_of, state_of = [], []
+    for _, opt, _, keys in live:
+        if opt.flat is not None and tp is None and opt.norm_owner is None and len(keys) == len(opt.params):
+            grads_of.append([torch.cat([opt.params[k].grad.reshape(-1) for k in keys])])
+            state_of.append(([opt.flat[0]], [opt.flat[1]], [opt.flat[2]]))
+        else:
+            grads_of.append([opt.params[k].grad for k in keys])
+            state_of.append(([opt.params[k] for k in keys], [opt.exp_avg[k] for k in keys],
+                             [opt.exp_avg_sq[k] for k in keys]))
     flat_norms = torch._foreach_norm([g for grads in grads_of for g in grads])
     if tp is None:
         run_norms, at = [], 0
         for grads in grads_of:
-            run_norms.append(torch.linalg.vector_norm(torch.stack(flat_norms[at:at + len(grads)])))
+            run_norms.append(flat_norms[at] if len(grads) == 1
+                             else torch.linalg.vector_norm(torch.stack(flat_norms[at:at + len(grads)])))
             at += len(grads)
         norms = torch.stack(run_norms).tolist()
     else:
@@ -148,7 +173,7 @@ def fused_step(opts: Sequence[AdamW], hps: Sequence[AdamParams],
 
     P, G, M, V = [], [], [], []
     decay, lerp_w, beta2, one_minus_beta2, bias2_sqrt, eps, step_size = [], [], [], [], [], [], []
-    for (i, opt, hp, keys), grads, grad_norm in zip(live, grads_of, norms):
+    for (i, opt, hp, keys), grads, (params, exp_avg, exp_avg_sq), grad_norm in zip(live, grads_of, state_of, norms):
         if not math.isfinite(grad_norm):
             # One overflowing ratio (e.g. sampler logprobs far from the model's) would turn every weight into
             # NaN for good; refusing the step keeps the run usable.
@@ -163,11 +188,11 @@ def fused_step(opts: Sequence[AdamW], hps: Sequence[AdamParams],
             if coef < 1.0:
                 torch._foreach_mul_(grads, coef)
         opt.step_count += 1
-        n = len(keys)
-        P += [opt.params[k] for k in keys]
+        n = len(params)
+        P += params
         G += grads
-        M += [opt.exp_avg[k] for k in keys]
-        V += [opt.exp_avg_sq[k] for k in keys]
+        M += exp_avg
+        V += exp_avg_sq
         decay += [1 - hp.learning_rate * hp.weight_decay] * n
         lerp_w += [1 - hp.beta1] * n
         beta2 += [hp.beta2] * n
@@ -185,8 +210,10 @@ def fused_step(opts: Sequence[AdamW], hps: Sequence[AdamParams],
         torch._foreach_div_(denom, bias2_sqrt)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(P, M, denom, step_size)
-        for p in P:
-            p.grad = None
+    for i, opt, _, keys in live:
+        if not isinstance(results[i], Exception):
+            for k in keys:
+                opt.params[k].grad = None
     return results  # type: ignore[return-value]
 
 

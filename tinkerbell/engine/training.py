@@ -45,6 +45,7 @@ from tinkerbell.engine.tp.shard import gather_lora_tensors, norm_owner, shard_ad
 from tinkerbell.engine.training_forward import PackedAttention, hidden_states, packed_positions
 from tinkerbell.engine.training_lora import TrainLora
 from tinkerbell.engine.training_memory import MemoryPlan, plan_memory
+from tinkerbell.engine.training_params import pack, views_like
 from tinkerbell.engine.types import AdamParams, EngineUserError, ForwardBackwardResult, TrainDatum
 
 # Elements of one [chunk, vocab] logits block: 32M floats = 128 MiB, ~220 rows at a 150k vocabulary.
@@ -53,9 +54,8 @@ DEFAULT_LOGITS_CHUNK_ELEMS = 2**25
 
 @dataclass
 class _Run:
-    weights: AdapterWeights  # fp32 masters, requires_grad
+    weights: AdapterWeights  # fp32 masters, requires_grad, views of one buffer (training_params.pack)
     optimizer: AdamW
-    flat: list[torch.Tensor] | None = None  # 1-D detached views of the masters (snapshot's inputs), built once
 
 
 @dataclass
@@ -82,17 +82,15 @@ class _Targets:
 
 
 def _named_params(w: AdapterWeights) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key in w.a:
-        out[f"{key}.lora_A"] = w.a[key]
-        out[f"{key}.lora_B"] = w.b[key]
-    return out
+    """By optimizer name, in the packed buffer's order (every A, then every B)."""
+    return {**{f"{k}.lora_A": t for k, t in w.a.items()}, **{f"{k}.lora_B": t for k, t in w.b.items()}}
 
 
 def _frozen_view(w: AdapterWeights) -> AdapterWeights:
     """The same tensors cut from autograd, so a forward-only segment never touches its run's accumulator."""
     return AdapterWeights(spec=w.spec, a={k: v.detach() for k, v in w.a.items()},
-                          b={k: v.detach() for k, v in w.b.items()})
+                          b={k: v.detach() for k, v in w.b.items()},
+                          flat=None if w.flat is None else w.flat.detach())
 
 
 class Trainer:
@@ -131,11 +129,11 @@ class Trainer:
         return run
 
     def _add(self, run_id: str, weights: AdapterWeights, optimizer: AdamW | None = None) -> None:
+        """`weights` packed (training_params.pack), `optimizer` (if given) built on them."""
         if run_id in self._runs:
             raise EngineUserError(f"training run {run_id!r} already exists")
-        for t in weights.parameters():
-            t.requires_grad_(True)
-        optimizer = optimizer or AdamW.for_params(_named_params(weights))
+        assert weights.flat is not None, "a run's masters are packed in one buffer"
+        optimizer = optimizer or AdamW.for_params(_named_params(weights), weights.flat)
         if self.shard is not None:
             optimizer.norm_owner = {k: norm_owner(k, self.shard, weights.spec.rank) for k in optimizer.params}
         self._runs[run_id] = _Run(weights=weights, optimizer=optimizer)
@@ -149,8 +147,8 @@ class Trainer:
             raise EngineUserError(f"training run {run_id!r} already exists")
         if self.shard is not None and seed is None:
             raise EngineUserError("a tensor-parallel trainer needs a seed for a new adapter (rank 0 draws one)")
-        self._add(run_id, AdapterWeights.init(self.cfg, spec, seed, dtype=torch.float32, device=self.device,
-                                              shard=self.shard))
+        self._add(run_id, pack(AdapterWeights.init(self.cfg, spec, seed, dtype=torch.float32, device=self.device,
+                                                   shard=self.shard)))
 
     def remove(self, run_id: str) -> None:
         self._get(run_id)
@@ -164,22 +162,14 @@ class Trainer:
 
     def snapshot(self, run_id: str) -> AdapterWeights:
         """A detached copy in the model's dtype (this rank's pieces under tp), for the sampler: views into one
-        buffer made by one concatenation and one cast, rather than an allocation, a cast and a copy per tensor
-        (~450 launches for 1B at r32)."""
-        run = self._get(run_id)
-        w = run.weights
-        src = w.parameters()
-        parts = run.flat
-        if parts is None:
-            parts = [t.detach().reshape(-1) for t in src]
-            # The masters are updated in place, so views of them stay current (a copy of a strided one would not).
-            if all(t.is_contiguous() for t in src):
-                run.flat = parts
-        flat = torch.cat(parts).to(self.model_dtype, copy=True)
-        dst = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in src]), src)]
+        cast of the run's packed buffer, rather than an allocation, a cast and a copy per tensor (~450 launches
+        for 1B at r32)."""
+        w = self._get(run_id).weights
+        assert w.flat is not None
+        low = w.flat.detach().to(self.model_dtype, copy=True)
         keys = list(w.a)
-        return AdapterWeights(spec=w.spec, a={k: dst[2 * i] for i, k in enumerate(keys)},
-                              b={k: dst[2 * i + 1] for i, k in enumerate(keys)})
+        views = views_like(low, w.flat, [w.a[k] for k in keys] + [w.b[k] for k in keys])
+        return AdapterWeights(spec=w.spec, a=dict(zip(keys, views[:len(keys)])), b=dict(zip(keys, views[len(keys):])))
 
     def stats(self) -> dict:
         return {"runs": len(self._runs), **self._counters}
@@ -485,7 +475,8 @@ class Trainer:
                     return shard_lora_tensor(name, t, shard)
                 except ValueError as e:
                     raise EngineUserError(f"the checkpoint's optimizer state does not fit its adapter: {e}") from None
-        optimizer = AdamW.for_params(_named_params(weights))
+        weights = pack(weights)
+        optimizer = AdamW.for_params(_named_params(weights), weights.flat)
         if with_optimizer:
             optimizer.load(src_dir, reshard=reshard)
         self._add(run_id, weights, optimizer)

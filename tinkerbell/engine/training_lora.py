@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tinkerbell.engine.lora import LoraSegment
+from tinkerbell.engine.training_params import views_like
 
 # Several runs in one call: when every run has at least this many rows, each run's rows go through its own
 # adapter's matmuls (exact work, a few launches per run); below it one set of matmuls over all rows with every
@@ -47,6 +48,18 @@ class TrainLora:
         self.fused = fused
         self._scales: dict[tuple, torch.Tensor] = {}
         self._row_segment: torch.Tensor | None = None  # [batch rows] int32: each row's segment (-1: none)
+        self._low: dict[int, torch.Tensor] = {}  # segment -> its packed masters cast to the activations' dtype
+
+    def _cast(self, i: int, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Segment i's master `t` in `dtype`, outside autograd: a view of one cast of the run's whole packed
+        buffer (made once per micro-batch, reused by every projection and by a recompute), else its own cast."""
+        flat = self.segments[i].weights.flat
+        if flat is None:
+            return t.detach().to(dtype)
+        low = self._low.get(i)
+        if low is None or low.dtype != dtype:
+            low = self._low[i] = flat.detach().to(dtype)
+        return views_like(low, flat, [t])[0]
 
     def _live(self, key: str, row_offset: int, n: int) -> tuple[int, ...]:
         return tuple(i for i, seg in enumerate(self.segments) if key in seg.weights.a
@@ -121,11 +134,14 @@ class TrainLora:
                base: tuple[torch.Tensor, torch.Tensor | None] = (None, None)) -> torch.Tensor:
         n = x.shape[0]
         masters: list[torch.Tensor] = []
+        lows: list[torch.Tensor] = []  # the masters in x's dtype, which the matmuls use
         index: dict[tuple[int, int], int] = {}  # (module, segment) -> its (A, B) pair's place in `masters`
         for j, (k, ls) in enumerate(zip(keys, live)):
             for i in ls:
                 index[(j, i)] = len(masters) // 2
-                masters += [self.segments[i].weights.a[k], self.segments[i].weights.b[k]]
+                pair = [self.segments[i].weights.a[k], self.segments[i].weights.b[k]]
+                masters += pair
+                lows += [self._cast(i, t, x.dtype) for t in pair]
         segs = sorted({i for ls in live for i in ls})
         bounds = {i: (max(self.segments[i].start - row_offset, 0), min(self.segments[i].end - row_offset, n))
                   for i in segs}
@@ -139,7 +155,7 @@ class TrainLora:
             pairs = tuple((j, index[(j, i)]) for j, ls in enumerate(live) for i in ls)
             groups = (_RowGroup(0, n, pairs, 0),)
             scales = (self._scale_matrix(live, x.dtype, x.device)[row_offset:row_offset + n],)
-        return _LoraAdd.apply(x, out, *base, _Layout(tuple(widths), groups), *scales, *masters)
+        return _LoraAdd.apply(x, out, *base, _Layout(tuple(widths), groups), *scales, *masters, *lows)
 
     def _scale_matrix(self, live: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[batch rows, Σ rank over (module, segment)]: each segment's scale on its own rows and rank columns.
@@ -206,13 +222,14 @@ class _Layout:
 class _LoraAdd(torch.autograd.Function):
     """out[rows of g] += Σ_modules expand(scale ⊙ shrink(x[rows of g])) for each row group g, in place; `out` is
     given, or (out None) the frozen base `F.linear(x, weight, bias)` computed here. Inputs after the layout: the
-    groups' scale matrices, then the masters (A, B per pair)."""
+    groups' scale matrices, the masters (A, B per pair; they receive the gradients), and the same in x's dtype
+    (what the matmuls use)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor | None,
                 bias: torch.Tensor | None, layout: _Layout, *tensors: torch.Tensor) -> torch.Tensor:
-        scales, masters = tensors[:layout.n_scales], tensors[layout.n_scales:]
-        dtype = x.dtype
+        scales, rest = tensors[:layout.n_scales], tensors[layout.n_scales:]
+        masters, lows = rest[:len(rest) // 2], rest[len(rest) // 2:]
         if out is None:
             assert weight is not None and not weight.requires_grad, "the base weight must be frozen"
             out = F.linear(x, weight, bias)
@@ -221,14 +238,14 @@ class _LoraAdd(torch.autograd.Function):
         saved: list[torch.Tensor] = []
         for g, modules in zip(layout.groups, layout.modules):
             rows = slice(g.start, g.end)
-            a_list = [masters[2 * mi] for _, mi in g.pairs]
-            a = (torch.cat(a_list) if len(a_list) > 1 else a_list[0]).to(dtype)  # [Σ rank, in]
+            a_list = [lows[2 * mi] for _, mi in g.pairs]
+            a = torch.cat(a_list) if len(a_list) > 1 else a_list[0]  # [Σ rank, in]
             xa = (x[rows] @ a.t()).mul_(g.scale if isinstance(g.scale, float) else scales[g.scale])
             saved += [xa, a]
             rc = 0
             for cols, mis in modules:
-                b_list = [masters[2 * mi + 1] for mi in mis]
-                b = (torch.cat(b_list, dim=1) if len(b_list) > 1 else b_list[0]).to(dtype)  # [width, rank]
+                b_list = [lows[2 * mi + 1] for mi in mis]
+                b = torch.cat(b_list, dim=1) if len(b_list) > 1 else b_list[0]  # [width, rank]
                 out[rows, cols].addmm_(xa[:, rc:rc + b.shape[1]], b.t())
                 saved.append(b)
                 rc += b.shape[1]
@@ -277,7 +294,7 @@ class _LoraAdd(torch.autograd.Function):
         if dst:
             torch._foreach_add_(dst, src)
         # A given `out` passes its gradient through unchanged; the masters' gradients were added above.
-        return (dx, dy if ctx.given_out else None, None, None, None) + (None,) * (n_scales + len(masters))
+        return (dx, dy if ctx.given_out else None, None, None, None) + (None,) * (n_scales + 2 * len(masters))
 
 
 def _collect(masters: tuple[torch.Tensor, ...], need: tuple[bool, ...], g: _RowGroup, g_a: torch.Tensor,

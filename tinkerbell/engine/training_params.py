@@ -1,0 +1,44 @@
+"""A training run's fp32 master LoRA weights as one buffer, the per-module tensors views of it.
+
+Why: a run's adapter is hundreds of tensors (226 for Llama-3.2-1B with every module and the LM head adapted),
+and everything done to them one by one costs a kernel launch each: the cast to the model's dtype in every
+forward, each op of the optimizer step, the snapshot for the sampler. With one buffer those are one launch per
+run (an 8-run step on the 1B model launched ~1,800 casts a forward, measured on an H100). The module tensors
+stay leaf tensors (autograd accumulates into their `.grad` as before); only their storage is shared.
+
+Layout: every A in key order, then every B, so the A's of a fused projection (q/k/v, gate/up) are adjacent.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tinkerbell.engine.lora import AdapterWeights
+
+
+def pack(weights: AdapterWeights) -> AdapterWeights:
+    """The same adapter with its tensors re-homed into one contiguous buffer (`weights.flat`), each a leaf
+    view that requires grad. Already packed weights come back as they are."""
+    if weights.flat is not None:
+        return weights
+    keys = list(weights.a)
+    tensors = [weights.a[k] for k in keys] + [weights.b[k] for k in keys]
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+    views, at = [], 0
+    for t in tensors:
+        v = flat[at:at + t.numel()].view(t.shape)
+        views.append(v.requires_grad_(True))
+        at += t.numel()
+    n = len(keys)
+    return AdapterWeights(spec=weights.spec, a=dict(zip(keys, views[:n])), b=dict(zip(keys, views[n:])), flat=flat)
+
+
+def views_like(buffer: torch.Tensor, flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `buffer` (laid out as `flat`, any dtype) at the places the `tensors` (views of `flat`) hold."""
+    base = flat.storage_offset()
+    out = []
+    for t in tensors:
+        at = t.storage_offset() - base
+        out.append(buffer[at:at + t.numel()].view(t.shape))
+    return out
+
