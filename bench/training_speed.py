@@ -280,11 +280,16 @@ def profile(step) -> dict:
         step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    averages = prof.key_averages()
+    events = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.self_device_time_total for e in events) / 1e6
     top = sorted(events, key=lambda e: -e.self_device_time_total)[:20]
+    # Where the host's time goes (a launch-bound step): ops by their own CPU time, profiler overhead included.
+    host = sorted((e for e in averages if e.device_type == torch.autograd.DeviceType.CPU),
+                  key=lambda e: -e.self_cpu_time_total)[:10]
     return {"wall_s": wall, "gpu_busy_s": busy, "kernels": sum(e.count for e in events),
-            "top": [(e.key[:70], round(e.self_device_time_total / 1e3, 2), e.count) for e in top]}
+            "top": [(e.key[:70], round(e.self_device_time_total / 1e3, 2), e.count) for e in top],
+            "host_top": [(e.key[:70], round(e.self_cpu_time_total / 1e3, 2), e.count) for e in host]}
 
 
 def bench_peft(name: str, device: torch.device, vocab: int, seqs: int, seq_len: int, iters: int,
@@ -387,6 +392,9 @@ def main() -> int:
                       f"{p['gpu_busy_s'] * 1e3:.0f} ms, {p['kernels']} kernels")
                 for kernel, ms, count in p["top"][:14]:
                     print(f"{'':16}{ms:8.1f} ms {count:5}x  {kernel}")
+                print(f"{'':16}host (own CPU time):")
+                for op, ms, count in p.get("host_top", []):
+                    print(f"{'':16}{ms:8.1f} ms {count:5}x  {op}")
         print(f"{name:14} {'handoff (snap+slot)':24} {o['handoff_ms']:8.2f}ms  snapshot alone {o['snapshot_ms']:.2f} ms")
         for peer in ("peft", "peft+liger"):
             m = r.get(peer)
