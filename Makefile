@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # into its own folder so it never touches the venv's torch (a CUDA torch pins its own Triton).
 TRITON_INTERP_PIN ?= triton==3.6.0
 TRITON_INTERP_DIR ?= .triton-interp
-KERNEL_TESTS := tests/engine/test_kernels.py tests/engine/test_fused_layer.py tests/engine/test_llada_model.py \
+KERNEL_TESTS := tests/engine/test_kernels.py tests/engine/test_segment_matmul.py tests/engine/test_fused_layer.py tests/engine/test_llada_model.py \
 	tests/engine/test_train_ops.py
 
 .PHONY: install serve test test-kernels clean

@@ -17,6 +17,7 @@ import torch
 
 from tinkerbell.engine.kernels import train_ops
 from tinkerbell.engine.lora import AdapterWeights, LoraSegment, LoraSpec
+from tinkerbell.engine import training_lora
 from tinkerbell.engine.training_lora import TrainLora
 
 TOL = 2e-2  # bf16 keeps 8 bits of mantissa; a few roundings deep
@@ -59,6 +60,48 @@ def run(make_inputs, op_fast, op_torch, label: str, rows: list) -> bool:
         good = err <= TOL
         ok &= good
         rows.append((label, name, ms, err, "PASS" if good else "FAIL"))
+    return ok
+
+
+def check_lora_masters(dev: torch.device, t: int, hidden: int, inter: int, rows: list) -> bool:
+    """The masters' gradients too (which `run` does not see): gate/up of 8 runs × t/8 rows in bf16, the exact
+    several-run form (grouped GEMMs + Triton add) and the stacked one, against the per-segment reference in
+    float32; timed forward + backward."""
+    g = torch.Generator(device=dev).manual_seed(1)
+    adapters = []
+    for i in range(8):
+        a = AdapterWeights(spec=LoraSpec(rank=32, alpha=16 * (1 + i % 2)))  # two scales
+        for k in ("gate", "up"):
+            a.a[k] = (torch.randn(32, hidden, device=dev, generator=g) * 0.02).requires_grad_(True)
+            a.b[k] = (torch.randn(inter, 32, device=dev, generator=g) * 0.02).requires_grad_(True)
+        adapters.append(a)
+    segs = [LoraSegment(i * t // 8, (i + 1) * t // 8, a) for i, a in enumerate(adapters)]
+    x = torch.randn(t, hidden, device=dev, generator=g)
+    base = torch.randn(t, 2 * inter, device=dev, generator=g)
+    up = torch.randn(t, 2 * inter, device=dev, generator=g)
+
+    def step(fused: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+        for a in adapters:
+            for p in a.parameters():
+                p.grad = None
+        xi = x.detach().to(dtype).requires_grad_(True)
+        out = TrainLora(segs, fused=fused).add(("gate", "up"), xi, base.to(dtype))
+        out.backward(up.to(dtype))
+        return [xi.grad.float()] + [p.grad.clone() for a in adapters for p in a.parameters()]
+
+    want = step(False, torch.float32)
+    ok = True
+    for label, segmented in (("exact", True), ("stacked", False)):
+        training_lora.SEGMENTED = segmented
+        try:
+            got = step(True, torch.bfloat16)
+            err = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-6) for a, b in zip(got, want))
+            ms = bench(lambda: step(True, torch.bfloat16), iters=10)
+        finally:
+            training_lora.SEGMENTED = True
+        good = err <= TOL
+        ok &= good
+        rows.append(("LoRA gate/up 8 runs, +masters", label, ms, err, "PASS" if good else "FAIL"))
     return ok
 
 
@@ -114,6 +157,8 @@ def main() -> int:
         for a in adapters:
             for p in a.parameters():
                 p.grad = None
+
+    ok &= check_lora_masters(dev, t, hidden, inter, rows)
 
     print(f"train ops on {torch.cuda.get_device_name(dev)}, {t} tokens, 1B shapes; error vs float32 torch form")
     print(f"{'op':24} {'path':6} {'fwd+bwd ms':>10} {'max rel err':>12}")

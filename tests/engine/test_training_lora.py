@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinkerbell.engine import training_lora
+from tinkerbell.engine import training_lora, training_params
 from tinkerbell.engine.lora import AdapterWeights, LoraSegment, LoraSpec
 from tinkerbell.engine.training_lora import TrainLora
 
@@ -113,6 +113,66 @@ def test_fused_linear_with_its_frozen_base_equals_reference(monkeypatch, segment
         out = lora.linear(KEYS, x, weight, bias)
         (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(13))).sum().backward()
         results.append((out.detach(), x.grad))
+    assert torch.allclose(results[1][0], results[0][0], atol=1e-5)
+    assert torch.allclose(results[1][1], results[0][1], atol=1e-5)
+    for w, r in zip(adapters, ref):
+        for got, want in zip(w.parameters(), r.parameters()):
+            assert torch.allclose(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+
+
+def _count_segmented(monkeypatch) -> list[int]:
+    calls = [0]
+    real = training_lora.SegmentedLoraAdd.apply
+
+    def spy(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(training_lora.SegmentedLoraAdd, "apply", spy)
+    return calls
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["separate-masters", "packed-masters"])
+def test_segmented_lora_of_several_runs_equals_reference(monkeypatch, packed):
+    """Three runs of one rank and different scales tiling the rows: the exact several-run form (one grouped
+    matmul per step, training_lora_segmented.py) gives the reference's outputs and gradients, over two calls."""
+    calls = _count_segmented(monkeypatch)
+    adapters = [_adapter(3, KEYS, i) for i in range(3)]
+    if packed:
+        adapters = [training_params.pack(w) for w in adapters]
+    bounds = [(0, 4), (4, 5), (5, 13)]
+    g = torch.Generator().manual_seed(9)
+    x0, base0 = torch.randn(13, 10, generator=g), torch.randn(13, 20, generator=g)
+    ref = [_clone(w) for w in adapters]
+    want_out, want_dx = _run(ref, bounds, False, x0, base0, calls=2)
+    got_out, got_dx = _run(adapters, bounds, True, x0, base0, calls=2)
+    assert calls[0] == 2
+    assert torch.allclose(got_out, want_out, atol=1e-5) and torch.allclose(got_dx, want_dx, atol=1e-5)
+    for w, r in zip(adapters, ref):
+        for got, want in zip(w.parameters(), r.parameters()):
+            assert torch.allclose(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+            assert got.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("form", ["linear", "row-chunk"])
+def test_segmented_form_with_its_base_inside_or_on_a_row_chunk_equals_reference(monkeypatch, form):
+    """`TrainLora.linear` (the frozen base matmul inside the node) over rows its runs tile; and `add` on rows
+    [3, 11) of a 14-row batch (an LM-head chunk), which cuts two of the three runs."""
+    calls = _count_segmented(monkeypatch)
+    g = torch.Generator().manual_seed(14)
+    weight = torch.randn(20, 10, generator=g)
+    adapters = [_adapter(2, KEYS, i) for i in range(3)]
+    ref = [_clone(w) for w in adapters]
+    bounds, offset = ([(0, 2), (2, 3), (3, 8)], 0) if form == "linear" else ([(0, 5), (5, 6), (6, 14)], 3)
+    x0 = torch.randn(8, 10, generator=g)
+    results = []
+    for ws, fused in ((ref, False), (adapters, True)):
+        lora = TrainLora([LoraSegment(s, e, w) for (s, e), w in zip(bounds, ws)], fused=fused)
+        x = x0.clone().requires_grad_(True)
+        out = lora.linear(KEYS, x, weight) if form == "linear" else lora.add(KEYS, x, x @ weight.t(), offset)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(15))).sum().backward()
+        results.append((out.detach(), x.grad))
+    assert calls[0] == 1
     assert torch.allclose(results[1][0], results[0][0], atol=1e-5)
     assert torch.allclose(results[1][1], results[0][1], atol=1e-5)
     for w, r in zip(adapters, ref):

@@ -28,7 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tinkerbell.engine.kernels.segment_matmul import Segments
 from tinkerbell.engine.lora import LoraSegment
+from tinkerbell.engine.training_lora_segmented import SegmentPlan, SegmentedLoraAdd, give_grad
 from tinkerbell.engine.training_params import views_like
 
 # Several runs in one call: when every run has at least this many rows, each run's rows go through its own
@@ -38,6 +40,9 @@ from tinkerbell.engine.training_params import views_like
 # rows: stacked 28.6k tokens/s on the 1B model and 12.5k on the 8B, per-run 14.7k and 10.0k (the step is
 # launch-bound, and per-run matmuls multiply the launches), hence a threshold only very long runs reach.
 SEGMENT_MIN_ROWS = 8192
+# Several runs whose rows tile the call and whose adapters have one rank: each run's rows against its own adapter
+# in a fixed number of launches (training_lora_segmented.py) instead of either form above.
+SEGMENTED = True
 
 
 class TrainLora:
@@ -49,6 +54,7 @@ class TrainLora:
         self._scales: dict[tuple, torch.Tensor] = {}
         self._row_segment: torch.Tensor | None = None  # [batch rows] int32: each row's segment (-1: none)
         self._low: dict[int, torch.Tensor] = {}  # segment -> its packed masters cast to the activations' dtype
+        self._plans: dict[tuple, tuple[Segments, float | torch.Tensor]] = {}  # the exact several-run form's rows
 
     def _cast(self, i: int, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Segment i's master `t` in `dtype`, outside autograd: a view of one cast of the run's whole packed
@@ -145,6 +151,11 @@ class TrainLora:
         segs = sorted({i for ls in live for i in ls})
         bounds = {i: (max(self.segments[i].start - row_offset, 0), min(self.segments[i].end - row_offset, n))
                   for i in segs}
+        plan = self._segment_plan(widths, live, segs, bounds, n, x.device) if len(segs) > 1 else None
+        if plan is not None:
+            order = [index[(j, i)] for i in segs for j in range(len(keys))]  # run-major
+            return SegmentedLoraAdd.apply(x, out, *base, plan, *[t for mi in order for t in masters[2 * mi:2 * mi + 2]],
+                                          *[t for mi in order for t in lows[2 * mi:2 * mi + 2]])
         if len(segs) == 1 or min(e - s for s, e in bounds.values()) >= SEGMENT_MIN_ROWS:
             # exact: each segment's rows against its own adapter only
             groups = tuple(_RowGroup(*bounds[i], tuple((j, index[(j, i)]) for j, ls in enumerate(live) if i in ls),
@@ -156,6 +167,34 @@ class TrainLora:
             groups = (_RowGroup(0, n, pairs, 0),)
             scales = (self._scale_matrix(live, x.dtype, x.device)[row_offset:row_offset + n],)
         return _LoraAdd.apply(x, out, *base, _Layout(tuple(widths), groups), *scales, *masters, *lows)
+
+    def _segment_plan(self, widths: list[int], live: list[tuple[int, ...]], segs: list[int],
+                      bounds: dict[int, tuple[int, int]], n: int, device: torch.device) -> SegmentPlan | None:
+        """The exact several-run form's plan, where it applies: every run adapts every module of the projection
+        with one rank per module, and the runs' rows tile the call's rows in order."""
+        if not SEGMENTED or any(ls != tuple(segs) for ls in live):
+            return None
+        edges = [0]
+        for i in segs:
+            if bounds[i][0] != edges[-1]:
+                return None
+            edges.append(bounds[i][1])
+        if edges[-1] != n:
+            return None
+        ranks = {self.segments[i].weights.spec.rank for i in segs}
+        if len(ranks) != 1:
+            return None
+        rank = ranks.pop()
+        scales = [float(self.segments[i].weights.spec.scale) for i in segs]
+        key = (tuple(edges), tuple(scales), device)
+        cached = self._plans.get(key)
+        if cached is None:
+            scale: float | torch.Tensor = scales[0]
+            if len(set(scales)) > 1:
+                counts = np.diff(edges)
+                scale = torch.from_numpy(np.repeat(np.asarray(scales, np.float32), counts)[:, None]).to(device)
+            cached = self._plans[key] = (Segments.build(edges, device), scale)
+        return SegmentPlan(tuple(widths), (rank,) * len(widths), *cached)
 
     def _scale_matrix(self, live: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """[batch rows, Σ rank over (module, segment)]: each segment's scale on its own rows and rank columns.
@@ -311,13 +350,8 @@ def _collect(masters: tuple[torch.Tensor, ...], need: tuple[bool, ...], g: _RowG
         for mi, r, gbi in zip(mis, ranks, gb_parts):
             for m, grad, ok in ((masters[2 * mi], g_a[row:row + r], need[2 * mi]),
                                 (masters[2 * mi + 1], gbi, need[2 * mi + 1])):
-                if not ok:
-                    continue
-                if m.grad is None:
-                    m.grad = grad
-                else:
-                    dst.append(m.grad)
-                    src.append(grad)
+                if ok:
+                    give_grad(m, grad, dst, src)
             row += r
 
 
