@@ -14,15 +14,30 @@ def _params(seed: int) -> dict[str, torch.Tensor]:
     return {k: torch.randn(*s, generator=g).requires_grad_(True) for k, s in SHAPES.items()}
 
 
+def _packed(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The same parameters as leaf views of one buffer (as training_params.pack lays out a run's masters)."""
+    flat = torch.cat([t.detach().reshape(-1) for t in _params(seed).values()])
+    views, at = {}, 0
+    for k, s in SHAPES.items():
+        n = torch.Size(s).numel()
+        views[k] = flat[at:at + n].view(s).requires_grad_(True)
+        at += n
+    return views, flat
+
+
 def _grads(step: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
     return {k: torch.randn(*s, generator=g) * (1 + step) for k, s in SHAPES.items()}
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
 @pytest.mark.parametrize("clip", [0.0, 1.5])
-def test_matches_torch_adamw_with_weight_decay_and_clipping(clip):
-    ours, ref = _params(0), _params(0)
-    opt = AdamW.for_params(ours)
+def test_matches_torch_adamw_with_weight_decay_and_clipping(clip, packed):
+    """Separate parameters, or views of one buffer (stepped as that buffer: a few ops instead of a few per
+    tensor)."""
+    ref = _params(0)
+    ours, flat = _packed(0) if packed else (_params(0), None)
+    opt = AdamW.for_params(ours, flat)
     torch_opt = torch.optim.AdamW(list(ref.values()), foreach=False)
     for step in range(6):
         hp = AdamParams(learning_rate=1e-2 * (1 + step % 3), beta1=0.9, beta2=0.95 - 0.01 * step, eps=1e-8,
@@ -54,8 +69,11 @@ def test_step_without_gradients_changes_nothing():
         assert torch.equal(params[k], before[k])
 
 
-def test_state_round_trip(tmp_path):
-    a, b = _params(2), _params(2)
+def test_state_round_trip_into_a_packed_optimizer(tmp_path):
+    """Saved from separate tensors, loaded into one whose moments are views of one buffer: the load writes
+    into those views (the packed step reads the buffers), and the next steps agree exactly."""
+    a = _params(2)
+    b, flat = _packed(2)
     opt = AdamW.for_params(a)
     hp = AdamParams(learning_rate=1e-2, weight_decay=0.01)
     for step in range(2):
@@ -66,9 +84,13 @@ def test_state_round_trip(tmp_path):
     with torch.no_grad():
         for k in SHAPES:
             b[k].copy_(a[k])
-    restored = AdamW.for_params(b)
+    restored = AdamW.for_params(b, flat)
     restored.load(tmp_path)
     assert restored.step_count == 2
+    assert restored.flat is not None
+    for k in SHAPES:
+        assert torch.equal(restored.exp_avg[k], opt.exp_avg[k])
+        assert restored.exp_avg[k].untyped_storage().data_ptr() == restored.flat[1].untyped_storage().data_ptr()
     for k, g in _grads(5).items():
         a[k].grad, b[k].grad = g.clone(), g.clone()
     opt.step(hp)
