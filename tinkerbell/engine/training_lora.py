@@ -55,6 +55,7 @@ class TrainLora:
         self._row_segment: torch.Tensor | None = None  # [batch rows] int32: each row's segment (-1: none)
         self._low: dict[int, torch.Tensor] = {}  # segment -> its packed masters cast to the activations' dtype
         self._plans: dict[tuple, tuple[Segments, float | torch.Tensor]] = {}  # the exact several-run form's rows
+        self._buffers: dict[torch.dtype, torch.Tensor | None] = {}  # every run's packed buffer cast, a row each
 
     def _cast(self, i: int, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Segment i's master `t` in `dtype`, outside autograd: a view of one cast of the run's whole packed
@@ -140,22 +141,24 @@ class TrainLora:
                base: tuple[torch.Tensor, torch.Tensor | None] = (None, None)) -> torch.Tensor:
         n = x.shape[0]
         masters: list[torch.Tensor] = []
-        lows: list[torch.Tensor] = []  # the masters in x's dtype, which the matmuls use
+        owners: list[int] = []  # each master's segment
         index: dict[tuple[int, int], int] = {}  # (module, segment) -> its (A, B) pair's place in `masters`
         for j, (k, ls) in enumerate(zip(keys, live)):
             for i in ls:
                 index[(j, i)] = len(masters) // 2
-                pair = [self.segments[i].weights.a[k], self.segments[i].weights.b[k]]
-                masters += pair
-                lows += [self._cast(i, t, x.dtype) for t in pair]
+                masters += [self.segments[i].weights.a[k], self.segments[i].weights.b[k]]
+                owners += [i, i]
         segs = sorted({i for ls in live for i in ls})
         bounds = {i: (max(self.segments[i].start - row_offset, 0), min(self.segments[i].end - row_offset, n))
                   for i in segs}
         plan = self._segment_plan(widths, live, segs, bounds, n, x.device) if len(segs) > 1 else None
         if plan is not None:
             order = [index[(j, i)] for i in segs for j in range(len(keys))]  # run-major
-            return SegmentedLoraAdd.apply(x, out, *base, plan, *[t for mi in order for t in masters[2 * mi:2 * mi + 2]],
-                                          *[t for mi in order for t in lows[2 * mi:2 * mi + 2]])
+            a3, b3s = self._stacked(keys, segs, x.dtype)
+            return SegmentedLoraAdd.apply(x, out, *base, plan, a3, *b3s,
+                                          *[t for mi in order for t in masters[2 * mi:2 * mi + 2]])
+        # the masters in x's dtype, which the matmuls use
+        lows = [self._cast(i, m, x.dtype) for i, m in zip(owners, masters)]
         if len(segs) == 1 or min(e - s for s, e in bounds.values()) >= SEGMENT_MIN_ROWS:
             # exact: each segment's rows against its own adapter only
             groups = tuple(_RowGroup(*bounds[i], tuple((j, index[(j, i)]) for j, ls in enumerate(live) if i in ls),
@@ -167,6 +170,52 @@ class TrainLora:
             groups = (_RowGroup(0, n, pairs, 0),)
             scales = (self._scale_matrix(live, x.dtype, x.device)[row_offset:row_offset + n],)
         return _LoraAdd.apply(x, out, *base, _Layout(tuple(widths), groups), *scales, *masters, *lows)
+
+    def _stacked(self, keys: tuple[str, ...], segs: list[int], dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Runs `segs`' adapters of modules `keys` in `dtype`: A's [G, Σ rank, in] (each run's modules side by
+        side) and per module B's [G, width, rank]. Views of one [G, N] cast of the runs' packed buffers where
+        the runs share a layout and the modules' A's are adjacent in it (no copy, a handful of views however
+        many runs); else stacked copies of per-tensor casts."""
+        runs = [self.segments[i].weights for i in segs]
+        big = self._runs_buffer(segs, dtype)
+        if big is not None:
+            w0 = runs[0]
+            base = w0.flat.storage_offset()
+            a0 = w0.a[keys[0]].storage_offset() - base
+            a_rows = sum(w0.a[k].shape[0] for k in keys)
+            if all(w0.a[k].storage_offset() - base == a0 + sum(w0.a[q].numel() for q in keys[:j])
+                   for j, k in enumerate(keys)):
+                a3 = big[:, a0:a0 + a_rows * w0.a[keys[0]].shape[1]].view(len(segs), a_rows, -1)
+                b3s = []
+                for k in keys:
+                    b0 = w0.b[k].storage_offset() - base
+                    b3s.append(big[:, b0:b0 + w0.b[k].numel()].view(len(segs), *w0.b[k].shape))
+                return a3, b3s
+        a3 = torch.cat([self._cast(i, self.segments[i].weights.a[k], dtype) for i in segs for k in keys])
+        b3s = [torch.stack([self._cast(i, self.segments[i].weights.b[k], dtype) for i in segs]) for k in keys]
+        return a3.view(len(segs), -1, a3.shape[1]), b3s
+
+    def _runs_buffer(self, segs: list[int], dtype: torch.dtype) -> torch.Tensor | None:
+        """[G, N]: the packed buffers of runs `segs` (consecutive segments) cast to `dtype`, one row each, when
+        every segment's run shares one layout (the same rank and modules); None otherwise. Cast once per
+        micro-batch for all segments; the rows also serve `_cast`."""
+        if dtype not in self._buffers:
+            ws = [s.weights for s in self.segments]
+            w0 = ws[0]
+            big = None
+            if all(w.flat is not None and w.flat.numel() == w0.flat.numel() and w.spec.rank == w0.spec.rank
+                   and w.a.keys() == w0.a.keys() for w in ws):
+                big = torch.empty(len(ws), w0.flat.numel(), dtype=dtype, device=w0.flat.device)
+                for i, w in enumerate(ws):
+                    low = self._low.get(i)
+                    big[i].copy_(low if low is not None and low.dtype == dtype else w.flat.detach())
+                    self._low[i] = big[i]
+            self._buffers[dtype] = big
+        big = self._buffers[dtype]
+        if big is None or segs != list(range(segs[0], segs[-1] + 1)):
+            return None
+        return big[segs[0]:segs[-1] + 1]
 
     def _segment_plan(self, widths: list[int], live: list[tuple[int, ...]], segs: list[int],
                       bounds: dict[int, tuple[int, int]], n: int, device: torch.device) -> SegmentPlan | None:

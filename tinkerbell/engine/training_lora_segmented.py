@@ -48,28 +48,25 @@ def give_grad(m: torch.Tensor, grad: torch.Tensor, dst: list[torch.Tensor], src:
 
 class SegmentedLoraAdd(torch.autograd.Function):
     """out[rows of run g] += Σ_modules scale · (x · A_gjᵀ) · B_gjᵀ; `out` given (updated in place) or the frozen
-    base `F.linear(x, weight, bias)` computed here. Inputs after the plan: the masters, then the same in x's
-    dtype (what the matmuls use)."""
+    base `F.linear(x, weight, bias)` computed here. Inputs after the plan: every run's A's side by side in x's
+    dtype ([G, R, in]), each module's B's ([G, width, rank], any strides: views of the runs' packed buffers
+    where they allow), then the masters run-major (A, B of each module; they receive the gradients)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, plan: SegmentPlan, *tensors: torch.Tensor) -> torch.Tensor:
-        masters, lows = tensors[:len(tensors) // 2], tensors[len(tensors) // 2:]
-        runs, modules = plan.runs, len(plan.widths)
+                bias: torch.Tensor | None, plan: SegmentPlan, a3: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        modules = len(plan.widths)
+        b3s, masters = tensors[:modules], tensors[modules:]
         seg = plan.segments
         if out is None:
             assert weight is not None and not weight.requires_grad, "the base weight must be frozen"
             out = F.linear(x, weight, bias)
         else:
             ctx.mark_dirty(out)
-        a_list = [lows[2 * (g * modules + j)] for g in range(runs) for j in range(modules)]
-        a3 = torch.cat(a_list).view(runs, sum(plan.ranks), x.shape[1])  # [G, R, in]
         xa = segment_mm(x, a3.transpose(1, 2), seg).mul_(plan.scale)  # [rows, R]
-        b3s, col, rc = [], 0, 0
-        for j, (w, r) in enumerate(zip(plan.widths, plan.ranks)):
-            b3 = torch.stack([lows[2 * (g * modules + j) + 1] for g in range(runs)])  # [G, width, rank]
+        col, rc = 0, 0
+        for w, r, b3 in zip(plan.widths, plan.ranks, b3s):
             segment_mm_add_(out[:, col:col + w], xa[:, rc:rc + r], b3.transpose(1, 2), seg)
-            b3s.append(b3)
             col, rc = col + w, rc + r
         # The masters are leaves: holding them (for their .grad) makes no reference cycle.
         ctx.plan, ctx.masters, ctx.given_out = plan, masters, weight is None
@@ -82,7 +79,7 @@ class SegmentedLoraAdd(torch.autograd.Function):
         masters = ctx.masters
         seg, runs, modules = plan.segments, plan.runs, len(plan.widths)
         x, weight, xa, a3, *b3s = ctx.saved_tensors
-        need = ctx.needs_input_grad[5:5 + len(masters)]
+        need = ctx.needs_input_grad[6 + modules:]
         d_parts, g_b, col, rc = [], [], 0, 0
         for w, r, b3 in zip(plan.widths, plan.ranks, b3s):
             dyj = dy[:, col:col + w] if modules > 1 else dy
@@ -113,4 +110,4 @@ class SegmentedLoraAdd(torch.autograd.Function):
                     rc += r
             if dst:
                 torch._foreach_add_(dst, src)
-        return (dx, dy if ctx.given_out else None, None, None, None) + (None,) * (2 * len(masters))
+        return (dx, dy if ctx.given_out else None, None, None, None, None) + (None,) * (modules + len(masters))
