@@ -46,10 +46,16 @@ def test_fused_lora_equals_reference_across_runs_ranks_and_missing_modules(monke
     adapts, and two calls (the second accumulates into the masters' gradients); both ways of running several
     runs at once."""
     monkeypatch.setattr(training_lora, "SEGMENT_MIN_ROWS", segment_min_rows)
-    adapters = [_adapter(2, KEYS, 0), _adapter(4, ("q", "k"), 1), _adapter(3, KEYS, 2)]
-    bounds = [(0, 3), (3, 8), (10, 13)]
-    g = torch.Generator().manual_seed(5)
-    x0, base0 = torch.randn(13, 10, generator=g), torch.randn(13, 20, generator=g)
+    _check_two_calls([_adapter(2, KEYS, 0), _adapter(4, ("q", "k"), 1), _adapter(3, KEYS, 2)],
+                     [(0, 3), (3, 8), (10, 13)], seed=5)
+
+
+def _check_two_calls(adapters: list[AdapterWeights], bounds: list[tuple[int, int]], seed: int) -> None:
+    """Two fused calls over rows `bounds` give the reference's outputs, input gradients and accumulated
+    master gradients."""
+    g = torch.Generator().manual_seed(seed)
+    n = bounds[-1][1]
+    x0, base0 = torch.randn(n, 10, generator=g), torch.randn(n, 20, generator=g)
     ref = [_clone(w) for w in adapters]
     want_out, want_dx = _run(ref, bounds, False, x0, base0, calls=2)
     got_out, got_dx = _run(adapters, bounds, True, x0, base0, calls=2)
@@ -140,18 +146,8 @@ def test_segmented_lora_of_several_runs_equals_reference(monkeypatch, packed):
     adapters = [_adapter(3, KEYS, i) for i in range(3)]
     if packed:
         adapters = [training_params.pack(w) for w in adapters]
-    bounds = [(0, 4), (4, 5), (5, 13)]
-    g = torch.Generator().manual_seed(9)
-    x0, base0 = torch.randn(13, 10, generator=g), torch.randn(13, 20, generator=g)
-    ref = [_clone(w) for w in adapters]
-    want_out, want_dx = _run(ref, bounds, False, x0, base0, calls=2)
-    got_out, got_dx = _run(adapters, bounds, True, x0, base0, calls=2)
+    _check_two_calls(adapters, [(0, 4), (4, 5), (5, 13)], seed=9)
     assert calls[0] == 2
-    assert torch.allclose(got_out, want_out, atol=1e-5) and torch.allclose(got_dx, want_dx, atol=1e-5)
-    for w, r in zip(adapters, ref):
-        for got, want in zip(w.parameters(), r.parameters()):
-            assert torch.allclose(got.grad, want.grad, rtol=1e-5, atol=1e-5)
-            assert got.grad.is_contiguous()
 
 
 @pytest.mark.parametrize("form", ["linear", "row-chunk"])
