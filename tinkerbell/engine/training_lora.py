@@ -154,9 +154,10 @@ class TrainLora:
         plan = self._segment_plan(widths, live, segs, bounds, n, x.device) if len(segs) > 1 else None
         if plan is not None:
             order = [index[(j, i)] for i in segs for j in range(len(keys))]  # run-major
+            run_major = tuple(t for mi in order for t in masters[2 * mi:2 * mi + 2])
             a3, b3s = self._stacked(keys, segs, x.dtype)
-            return SegmentedLoraAdd.apply(x, out, *base, plan, a3, *b3s,
-                                          *[t for mi in order for t in masters[2 * mi:2 * mi + 2]])
+            return SegmentedLoraAdd.apply(x, out, *base, plan, run_major, a3, *b3s,
+                                          *run_major[::2 * len(keys)])
         # the masters in x's dtype, which the matmuls use
         lows = [self._cast(i, m, x.dtype) for i, m in zip(owners, masters)]
         if len(segs) == 1 or min(e - s for s, e in bounds.values()) >= SEGMENT_MIN_ROWS:
@@ -169,7 +170,10 @@ class TrainLora:
             pairs = tuple((j, index[(j, i)]) for j, ls in enumerate(live) for i in ls)
             groups = (_RowGroup(0, n, pairs, 0),)
             scales = (self._scale_matrix(live, x.dtype, x.device)[row_offset:row_offset + n],)
-        return _LoraAdd.apply(x, out, *base, _Layout(tuple(widths), groups), *scales, *masters, *lows)
+        place = {i: p for p, i in enumerate(segs)}
+        reps = [self.segments[i].weights.a[keys[next(j for j, ls in enumerate(live) if i in ls)]] for i in segs]
+        return _LoraAdd.apply(x, out, *base, _Layout(tuple(widths), groups), tuple(masters),
+                              tuple(place[i] for i in owners), *scales, *lows, *reps)
 
     def _stacked(self, keys: tuple[str, ...], segs: list[int], dtype: torch.dtype
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -309,15 +313,16 @@ class _Layout:
 
 class _LoraAdd(torch.autograd.Function):
     """out[rows of g] += Σ_modules expand(scale ⊙ shrink(x[rows of g])) for each row group g, in place; `out` is
-    given, or (out None) the frozen base `F.linear(x, weight, bias)` computed here. Inputs after the layout: the
-    groups' scale matrices, the masters (A, B per pair; they receive the gradients), and the same in x's dtype
-    (what the matmuls use)."""
+    given, or (out None) the frozen base `F.linear(x, weight, bias)` computed here. After the layout: the
+    masters (A, B per pair; they receive their gradients, set here) and each master's run's place among the
+    `runs` inputs; then the groups' scale matrices, the masters in x's dtype (what the matmuls use), and one
+    master per run as autograd's input, which says whether the run trains (as SegmentedLoraAdd's)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, layout: _Layout, *tensors: torch.Tensor) -> torch.Tensor:
-        scales, rest = tensors[:layout.n_scales], tensors[layout.n_scales:]
-        masters, lows = rest[:len(rest) // 2], rest[len(rest) // 2:]
+                bias: torch.Tensor | None, layout: _Layout, masters: tuple[torch.Tensor, ...],
+                run_of: tuple[int, ...], *tensors: torch.Tensor) -> torch.Tensor:
+        scales, lows = tensors[:layout.n_scales], tensors[layout.n_scales:layout.n_scales + len(masters)]
         if out is None:
             assert weight is not None and not weight.requires_grad, "the base weight must be frozen"
             out = F.linear(x, weight, bias)
@@ -338,7 +343,7 @@ class _LoraAdd(torch.autograd.Function):
                 saved.append(b)
                 rc += b.shape[1]
         # The masters are leaves: holding them (for their .grad) makes no reference cycle.
-        ctx.layout, ctx.masters, ctx.given_out = layout, masters, weight is None
+        ctx.layout, ctx.masters, ctx.run_of, ctx.given_out = layout, masters, run_of, weight is None
         ctx.save_for_backward(x, weight, *scales, *saved)
         return out
 
@@ -350,7 +355,8 @@ class _LoraAdd(torch.autograd.Function):
         x, weight, *rest = ctx.saved_tensors
         scales, saved = rest[:n_scales], rest[n_scales:]
         need_x = ctx.needs_input_grad[0]
-        masters_need = ctx.needs_input_grad[5 + n_scales:]
+        trains = ctx.needs_input_grad[7 + n_scales + len(masters):]  # per run
+        masters_need = tuple(trains[r] for r in ctx.run_of)
         dx = None
         if need_x and weight is not None:  # the base's input gradient; the adapters' add into it below
             dx = dy @ weight
@@ -382,7 +388,8 @@ class _LoraAdd(torch.autograd.Function):
         if dst:
             torch._foreach_add_(dst, src)
         # A given `out` passes its gradient through unchanged; the masters' gradients were added above.
-        return (dx, dy if ctx.given_out else None, None, None, None) + (None,) * (n_scales + 2 * len(masters))
+        return (dx, dy if ctx.given_out else None, None, None, None, None, None) + \
+            (None,) * (n_scales + len(masters) + len(trains))
 
 
 def _collect(masters: tuple[torch.Tensor, ...], need: tuple[bool, ...], g: _RowGroup, g_a: torch.Tensor,

@@ -48,15 +48,19 @@ def give_grad(m: torch.Tensor, grad: torch.Tensor, dst: list[torch.Tensor], src:
 
 class SegmentedLoraAdd(torch.autograd.Function):
     """out[rows of run g] += Σ_modules scale · (x · A_gjᵀ) · B_gjᵀ; `out` given (updated in place) or the frozen
-    base `F.linear(x, weight, bias)` computed here. Inputs after the plan: every run's A's side by side in x's
-    dtype ([G, R, in]), each module's B's ([G, width, rank], any strides: views of the runs' packed buffers
-    where they allow), then the masters run-major (A, B of each module; they receive the gradients)."""
+    base `F.linear(x, weight, bias)` computed here. After the plan: the masters run-major (A, B of each module;
+    they receive the gradients, set here, not through autograd), every run's A's side by side in x's dtype
+    ([G, R, in]), each module's B's ([G, width, rank], any strides: views of the runs' packed buffers where they
+    allow), and one master per run as autograd's input, which says whether the run trains (a run's masters all
+    do, or none: a forward-only run's are detached views). One input per run rather than every master: each
+    leaf input is a node autograd visits in every backward (~1,800 for 8 runs on the 1B model)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, plan: SegmentPlan, a3: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+                bias: torch.Tensor | None, plan: SegmentPlan, masters: tuple[torch.Tensor, ...], a3: torch.Tensor,
+                *tensors: torch.Tensor) -> torch.Tensor:
         modules = len(plan.widths)
-        b3s, masters = tensors[:modules], tensors[modules:]
+        b3s = tensors[:modules]
         seg = plan.segments
         if out is None:
             assert weight is not None and not weight.requires_grad, "the base weight must be frozen"
@@ -79,12 +83,12 @@ class SegmentedLoraAdd(torch.autograd.Function):
         masters = ctx.masters
         seg, runs, modules = plan.segments, plan.runs, len(plan.widths)
         x, weight, xa, a3, *b3s = ctx.saved_tensors
-        need = ctx.needs_input_grad[6 + modules:]
+        trains = ctx.needs_input_grad[7 + modules:]  # per run
         d_parts, g_b, col, rc = [], [], 0, 0
         for w, r, b3 in zip(plan.widths, plan.ranks, b3s):
             dyj = dy[:, col:col + w] if modules > 1 else dy
             d_parts.append(segment_mm(dyj, b3, seg))  # [rows, rank]
-            g_b.append(segment_outer(dyj.t(), xa[:, rc:rc + r], seg) if any(need) else None)  # [G, width, rank]
+            g_b.append(segment_outer(dyj.t(), xa[:, rc:rc + r], seg) if any(trains) else None)  # [G, width, rank]
             col, rc = col + w, rc + r
         d_xa = (torch.cat(d_parts, dim=1) if modules > 1 else d_parts[0]).mul_(plan.scale)
         dx = None
@@ -93,21 +97,21 @@ class SegmentedLoraAdd(torch.autograd.Function):
                 dx = segment_mm_add_(dy @ weight, d_xa, a3, seg)
             else:
                 dx = segment_mm(d_xa, a3, seg)
-        if any(need):
+        if any(trains):
             dtype = masters[0].dtype
             g_a = segment_outer(d_xa.t(), x, seg).to(dtype)  # [G, R, in]
             g_b = [g.to(dtype) for g in g_b]
             dst: list[torch.Tensor] = []
             src: list[torch.Tensor] = []
             for g in range(runs):
+                if not trains[g]:
+                    continue
                 rc = 0
                 for j, r in enumerate(plan.ranks):
                     at = 2 * (g * modules + j)
-                    if need[at]:
-                        give_grad(masters[at], g_a[g, rc:rc + r], dst, src)
-                    if need[at + 1]:
-                        give_grad(masters[at + 1], g_b[j][g], dst, src)
+                    give_grad(masters[at], g_a[g, rc:rc + r], dst, src)
+                    give_grad(masters[at + 1], g_b[j][g], dst, src)
                     rc += r
             if dst:
                 torch._foreach_add_(dst, src)
-        return (dx, dy if ctx.given_out else None, None, None, None, None) + (None,) * (modules + len(masters))
+        return (dx, dy if ctx.given_out else None, None, None, None, None, None) + (None,) * (modules + runs)
