@@ -164,6 +164,10 @@ def main() -> int:
     print(f"{'op':24} {'path':6} {'fwd+bwd ms':>10} {'max rel err':>12}")
     for label, name, ms, err, verdict in rows:
         print(f"{label:24} {name:6} {ms:10.3f} {err:12.2e}  {verdict}")
+    from tinkerbell.engine.kernels import segment_matmul
+
+    print("grouped GEMM for the LoRA segments:", "refused: " + segment_matmul.GROUPED_REFUSED
+          if segment_matmul.GROUPED_REFUSED else "used")
     print("train_ops_check:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

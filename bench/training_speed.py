@@ -410,6 +410,10 @@ def main() -> int:
             print(f"{name:14} {peer:24} {m['tok_s']:9.0f} {m['mfu']:6.1%} {m['peak_gb']:8.1f}  {note}")
     ok = all(c["ok"] for c in report["checks"].values())
     print("checks:", "PASS" if ok else "FAIL", json.dumps(report["checks"]))
+    from tinkerbell.engine.kernels import segment_matmul
+
+    print("grouped GEMM for several runs' LoRA:", "refused: " + segment_matmul.GROUPED_REFUSED
+          if segment_matmul.GROUPED_REFUSED else "not refused")
     out_dir = os.environ.get("OUT")
     if out_dir:
         with open(os.path.join(out_dir, "training_speed.json"), "w") as f:

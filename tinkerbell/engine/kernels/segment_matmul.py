@@ -15,6 +15,7 @@ the grouped GEMM refuses) each is a loop of plain matmuls over the segments, whi
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,11 @@ import torch
 from tinkerbell.engine.kernels import use_triton
 
 TILE_M = 64  # rows per tile of the in-place add
+# Why the grouped GEMM was given up for the loop, if it was: it refused operands that `_grouped` let through (a
+# constraint of another torch version); the step goes on, slower, and the benches print this.
+GROUPED_REFUSED: str | None = None
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,7 +47,7 @@ class Segments:
         return cls(tuple(bounds), torch.tensor(bounds[1:], dtype=torch.int32).to(device, non_blocking=True),
                    torch.from_numpy(host).to(device, non_blocking=True))
 
-    @property
+    @functools.cached_property
     def ranges(self) -> list[tuple[int, int]]:
         return list(zip(self.bounds[:-1], self.bounds[1:]))
 
@@ -55,7 +61,7 @@ def _grouped(*ts: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` takes these operands: bf16 on a Hopper GPU, 16-byte aligned pointers and
     leading strides (it refuses anything else)."""
     t0 = ts[0]
-    if t0.device.type != "cuda" or any(t.dtype != torch.bfloat16 for t in ts):
+    if GROUPED_REFUSED is not None or t0.device.type != "cuda" or any(t.dtype != torch.bfloat16 for t in ts):
         return False
     if not _grouped_mm_device(t0.device.index if t0.device.index is not None else torch.cuda.current_device()):
         return False
@@ -68,10 +74,20 @@ def _grouped(*ts: torch.Tensor) -> bool:
     return True
 
 
+def _refused(e: RuntimeError) -> None:
+    global GROUPED_REFUSED
+    GROUPED_REFUSED = str(e).splitlines()[0]
+    log.warning("torch._grouped_mm refused the LoRA segments' operands (%s); using a loop of matmuls instead",
+                GROUPED_REFUSED)
+
+
 def segment_mm(x: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
     """x [T, K], w [G, K, N] (any strides) -> [T, N], rows of segment g times w[g]."""
     if _grouped(x, w):
-        return torch._grouped_mm(x, w, offs=seg.offs)
+        try:
+            return torch._grouped_mm(x, w, offs=seg.offs)
+        except RuntimeError as e:
+            _refused(e)
     out = x.new_empty(x.shape[0], w.shape[2])
     for g, (s, e) in enumerate(seg.ranges):
         torch.mm(x[s:e], w[g], out=out[s:e])
@@ -81,7 +97,10 @@ def segment_mm(x: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
 def segment_outer(a: torch.Tensor, b: torch.Tensor, seg: Segments) -> torch.Tensor:
     """a [M, T], b [T, N] -> [G, M, N]: out[g] = a[:, rows of g] · b[rows of g]."""
     if _grouped(a, b):
-        return torch._grouped_mm(a, b, offs=seg.offs)
+        try:
+            return torch._grouped_mm(a, b, offs=seg.offs)
+        except RuntimeError as e:
+            _refused(e)
     out = a.new_empty(len(seg.ranges), a.shape[0], b.shape[1])
     for g, (s, e) in enumerate(seg.ranges):
         torch.mm(a[:, s:e], b[s:e], out=out[g])
