@@ -130,18 +130,23 @@ def _small_plan(tokens: int) -> MemoryPlan:
                       other_bytes_per_token=0, num_layers=2)
 
 
-@pytest.mark.parametrize("gpu_paths, plan, per_run_lora",
-                         [(False, None, False), (True, None, False), (True, None, True), (True, 9, False),
-                          (False, 9, False)],
-                         ids=["reference", "gpu-paths", "gpu-paths-per-run-lora", "gpu-paths-microbatched",
-                              "microbatched"])
-def test_packed_runs_equal_separate_calls(model, monkeypatch, gpu_paths, plan, per_run_lora):
+@pytest.mark.parametrize("gpu_paths, plan, lora_form",
+                         [(False, None, ""), (True, None, ""), (True, None, "per-run"), (True, None, "segmented"),
+                          (True, 9, ""), (True, 9, "segmented"), (False, 9, "")],
+                         ids=["reference", "gpu-paths", "gpu-paths-per-run-lora", "gpu-paths-segmented-lora",
+                              "gpu-paths-microbatched", "gpu-paths-segmented-microbatched", "microbatched"])
+def test_packed_runs_equal_separate_calls(model, monkeypatch, gpu_paths, plan, lora_form):
     """Several runs in one batch (the engine's path) give each run what its own call would: logprobs, losses,
     gradients and updated weights (float32, 1e-5 relative). Also with the GPU paths (padded attention over
-    ragged lengths, stacked LoRA of different ranks) and with the batch split into micro-batches that cut
+    ragged lengths, stacked LoRA of different ranks; with one rank and the same modules everywhere the
+    segmented form, views of the runs' packed buffers) and with the batch split into micro-batches that cut
     requests apart (gradients accumulate across them), both run here on the CPU."""
-    if per_run_lora:  # each run's rows through its own adapter's matmuls (the GPU path for long requests)
+    if lora_form == "per-run":  # each run's rows through its own adapter's matmuls (the GPU path for long requests)
         monkeypatch.setattr(training_lora, "SEGMENT_MIN_ROWS", 1)
+    segmented = lora_form == "segmented"
+    calls = []
+    real = training_lora.SegmentedLoraAdd.apply
+    monkeypatch.setattr(training_lora.SegmentedLoraAdd, "apply", lambda *a: calls.append(1) or real(*a))
     vocab = model.cfg.vocab_size
     memory = _small_plan(plan) if plan else None
     packed = Trainer(model, CPU, logits_chunk_elems=5 * vocab, gpu_paths=gpu_paths, memory=memory)
@@ -151,10 +156,13 @@ def test_packed_runs_equal_separate_calls(model, monkeypatch, gpu_paths, plan, p
             ("a", _data(vocab, 5, (4,)), "cross_entropy", False)]
     for t in (packed, alone):
         for i, run in enumerate("abcd"):
-            t.create(run, LoraSpec(rank=4 + 2 * i, train_mlp=run != "c"), seed=i)
+            spec = LoraSpec(rank=4) if segmented else LoraSpec(rank=4 + 2 * i, train_mlp=run != "c")
+            t.create(run, spec, seed=i)
             t.forward_backward(run, _data(vocab, 9), "cross_entropy", {}, False)  # B != 0 after a step
             t.optim_step(run, HP)
+    calls.clear()
     results = packed.run_segments([packed.prepare(r, d, fn, {}, fo) for r, d, fn, fo in reqs])
+    assert bool(calls) == segmented
     for (run, data, fn, fo), res in zip(reqs, results):
         ref = alone.forward_backward(run, data, fn, {}, fo)
         assert res.metrics["loss:sum"] == pytest.approx(ref.metrics["loss:sum"], rel=1e-5, abs=1e-6)
