@@ -167,7 +167,8 @@ def main() -> int:
     from tinkerbell.engine.kernels import segment_matmul
 
     print("grouped GEMM for the LoRA segments:", "refused: " + segment_matmul.GROUPED_REFUSED
-          if segment_matmul.GROUPED_REFUSED else "used")
+          if segment_matmul.GROUPED_REFUSED else "used",
+          "| Triton segment add:", segment_matmul.ADD_KERNEL_FAILED or "used")
     print("train_ops_check:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -413,7 +413,9 @@ def main() -> int:
     from tinkerbell.engine.kernels import segment_matmul
 
     print("grouped GEMM for several runs' LoRA:", "refused: " + segment_matmul.GROUPED_REFUSED
-          if segment_matmul.GROUPED_REFUSED else "not refused")
+          if segment_matmul.GROUPED_REFUSED else "not refused",
+          "| Triton segment add:", "failed: " + segment_matmul.ADD_KERNEL_FAILED
+          if segment_matmul.ADD_KERNEL_FAILED else "not failed")
     out_dir = os.environ.get("OUT")
     if out_dir:
         with open(os.path.join(out_dir, "training_speed.json"), "w") as f:

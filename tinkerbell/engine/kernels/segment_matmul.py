@@ -27,6 +27,8 @@ TILE_M = 64  # rows per tile of the in-place add
 # Why the grouped GEMM was given up for the loop, if it was: it refused operands that `_grouped` let through (a
 # constraint of another torch version); the step goes on, slower, and the benches print this.
 GROUPED_REFUSED: str | None = None
+# The same for the Triton in-place add (a compiler of another version refusing it).
+ADD_KERNEL_FAILED: str | None = None
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +111,16 @@ def segment_outer(a: torch.Tensor, b: torch.Tensor, seg: Segments) -> torch.Tens
 
 def segment_mm_add_(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
     """out [T, N] += rows of segment g of y [T, K] times w[g] ([G, K, N], any strides); returns `out`."""
-    if use_triton(out) and out.stride(-1) == 1 and y.stride(-1) == 1:
+    global ADD_KERNEL_FAILED
+    if ADD_KERNEL_FAILED is None and use_triton(out) and out.stride(-1) == 1 and y.stride(-1) == 1:
         from tinkerbell.engine.kernels._segment_matmul_triton import mm_add
 
-        mm_add(out, y, w, seg.tiles)
-        return out
+        try:
+            mm_add(out, y, w, seg.tiles)
+            return out
+        except Exception as e:  # noqa: BLE001 - compiler errors have no common base; nothing was written yet
+            ADD_KERNEL_FAILED = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("the segment add kernel failed (%s); using a loop of matmuls instead", ADD_KERNEL_FAILED)
     return segment_mm_add_torch(out, y, w, seg)
 
 
