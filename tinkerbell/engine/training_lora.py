@@ -12,7 +12,12 @@ Two forms compute the same sums:
   each run's scale on its own rows and zero elsewhere (few launches however many runs, Σ rank of wasted
   columns). Its backward is a handful of GEMMs per group and adds the masters' gradients itself, with one
   multi-tensor add per projection, instead of autograd copying each run's gradient slice out one kernel at a
-  time (the second session counted ~900 such copies in an 8-run step on the 1B model).
+  time (the second session counted ~900 such copies in an 8-run step on the 1B model). Several runs of one rank
+  whose rows tile the call take the segmented form instead (training_lora_segmented.py: each run's rows through
+  its own adapter only, grouped GEMMs, a fixed number of launches, no scale matrix).
+
+The matmuls use the masters cast to the activations' dtype once per micro-batch from each run's packed buffer
+(training_params.py), and for the segmented form every run's A's and B's are views of one [runs, N] cast.
 
 Why not autograd through concatenated masters: the eager chain of casts, scales and adds runs an elementwise pass
 over the full [rows, out] output per module (twice on the backward), which for gate/up alone is 2 × 128 MB a
