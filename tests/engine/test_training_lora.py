@@ -174,3 +174,12 @@ def test_segmented_form_with_its_base_inside_or_on_a_row_chunk_equals_reference(
     for w, r in zip(adapters, ref):
         for got, want in zip(w.parameters(), r.parameters()):
             assert torch.allclose(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_of_adjacent_tensors_is_a_view_and_of_others_a_copy():
+    buf = torch.arange(24.0)
+    parts = [buf[0:8].view(2, 4), buf[8:20].view(3, 4)]
+    rows = training_lora._rows_of(parts)
+    assert rows.data_ptr() == buf.data_ptr() and torch.equal(rows, buf[:20].view(5, 4))
+    apart = [buf[0:8].view(2, 4), buf[12:16].view(1, 4)]
+    assert torch.equal(training_lora._rows_of(apart), torch.cat(apart))

@@ -336,8 +336,7 @@ class _LoraAdd(torch.autograd.Function):
         saved: list[torch.Tensor] = []
         for g, modules in zip(layout.groups, layout.modules):
             rows = slice(g.start, g.end)
-            a_list = [lows[2 * mi] for _, mi in g.pairs]
-            a = torch.cat(a_list) if len(a_list) > 1 else a_list[0]  # [Σ rank, in]
+            a = _rows_of([lows[2 * mi] for _, mi in g.pairs])  # [Σ rank, in]
             xa = (x[rows] @ a.t()).mul_(g.scale if isinstance(g.scale, float) else scales[g.scale])
             saved += [xa, a]
             rc = 0
@@ -395,6 +394,21 @@ class _LoraAdd(torch.autograd.Function):
         # A given `out` passes its gradient through unchanged; the masters' gradients were added above.
         return (dx, dy if ctx.given_out else None, None, None, None, None, None) + \
             (None,) * (n_scales + len(masters) + len(trains))
+
+
+def _rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The [rows, in] tensors one under the other: a view when they already lie so in memory (a run's q/k/v or
+    gate/up A's in its packed buffer, training_params.py), else a concatenation."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    at = first.storage_offset()
+    for t in parts:
+        if (t.storage_offset() != at or not t.is_contiguous()
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return torch.cat(parts)
+        at += t.numel()
+    return first.as_strided((sum(t.shape[0] for t in parts), first.shape[1]), (first.shape[1], 1))
 
 
 def _collect(masters: tuple[torch.Tensor, ...], need: tuple[bool, ...], g: _RowGroup, g_a: torch.Tensor,
