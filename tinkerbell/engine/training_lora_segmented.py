@@ -100,18 +100,17 @@ class SegmentedLoraAdd(torch.autograd.Function):
         if any(trains):
             dtype = masters[0].dtype
             g_a = segment_outer(d_xa.t(), x, seg).to(dtype)  # [G, R, in]
-            g_b = [g.to(dtype) for g in g_b]
+            # views made a few at a time (unbind/split), not one indexing op per master
+            g_b = [g.to(dtype).unbind(0) for g in g_b]
             dst: list[torch.Tensor] = []
             src: list[torch.Tensor] = []
-            for g in range(runs):
+            for g, g_a_run in enumerate(g_a.unbind(0)):
                 if not trains[g]:
                     continue
-                rc = 0
-                for j, r in enumerate(plan.ranks):
+                for j, ga in enumerate(g_a_run.split(plan.ranks) if modules > 1 else (g_a_run,)):
                     at = 2 * (g * modules + j)
-                    give_grad(masters[at], g_a[g, rc:rc + r], dst, src)
+                    give_grad(masters[at], ga, dst, src)
                     give_grad(masters[at + 1], g_b[j][g], dst, src)
-                    rc += r
             if dst:
                 torch._foreach_add_(dst, src)
         return (dx, dy if ctx.given_out else None, None, None, None, None, None) + (None,) * (modules + runs)
