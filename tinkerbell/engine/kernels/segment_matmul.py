@@ -83,29 +83,33 @@ def _refused(e: RuntimeError) -> None:
                 GROUPED_REFUSED)
 
 
-def segment_mm(x: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """x [T, K], w [G, K, N] (any strides) -> [T, N], rows of segment g times w[g]."""
-    if _grouped(x, w):
-        try:
-            return torch._grouped_mm(x, w, offs=seg.offs)
-        except RuntimeError as e:
-            _refused(e)
-    out = x.new_empty(x.shape[0], w.shape[2])
-    for g, (s, e) in enumerate(seg.ranges):
-        torch.mm(x[s:e], w[g], out=out[s:e])
-    return out
-
-
-def segment_outer(a: torch.Tensor, b: torch.Tensor, seg: Segments) -> torch.Tensor:
-    """a [M, T], b [T, N] -> [G, M, N]: out[g] = a[:, rows of g] · b[rows of g]."""
+def _try_grouped(a: torch.Tensor, b: torch.Tensor, seg: Segments) -> torch.Tensor | None:
+    """`torch._grouped_mm(a, b, offs)` where it takes the operands, else None (the caller loops)."""
     if _grouped(a, b):
         try:
             return torch._grouped_mm(a, b, offs=seg.offs)
         except RuntimeError as e:
             _refused(e)
-    out = a.new_empty(len(seg.ranges), a.shape[0], b.shape[1])
-    for g, (s, e) in enumerate(seg.ranges):
-        torch.mm(a[:, s:e], b[s:e], out=out[g])
+    return None
+
+
+def segment_mm(x: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """x [T, K], w [G, K, N] (any strides) -> [T, N], rows of segment g times w[g]."""
+    out = _try_grouped(x, w, seg)
+    if out is None:
+        out = x.new_empty(x.shape[0], w.shape[2])
+        for g, (s, e) in enumerate(seg.ranges):
+            torch.mm(x[s:e], w[g], out=out[s:e])
+    return out
+
+
+def segment_outer(a: torch.Tensor, b: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """a [M, T], b [T, N] -> [G, M, N]: out[g] = a[:, rows of g] · b[rows of g]."""
+    out = _try_grouped(a, b, seg)
+    if out is None:
+        out = a.new_empty(len(seg.ranges), a.shape[0], b.shape[1])
+        for g, (s, e) in enumerate(seg.ranges):
+            torch.mm(a[:, s:e], b[s:e], out=out[g])
     return out
 
 
