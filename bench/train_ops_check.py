@@ -63,19 +63,25 @@ def run(make_inputs, op_fast, op_torch, label: str, rows: list) -> bool:
     return ok
 
 
+def gate_up_runs(runs: int, t: int, hidden: int, inter: int, dev: torch.device, g: torch.Generator,
+                 alphas: tuple[int, ...] = (32,)) -> tuple[list[AdapterWeights], list[LoraSegment]]:
+    """`runs` rank-32 gate/up adapters (alpha cycling through `alphas`), each on an equal share of t rows."""
+    adapters = []
+    for i in range(runs):
+        a = AdapterWeights(spec=LoraSpec(rank=32, alpha=alphas[i % len(alphas)]))
+        for k in ("gate", "up"):
+            a.a[k] = (torch.randn(32, hidden, device=dev, generator=g) * 0.02).requires_grad_(True)
+            a.b[k] = (torch.randn(inter, 32, device=dev, generator=g) * 0.02).requires_grad_(True)
+        adapters.append(a)
+    return adapters, [LoraSegment(i * t // runs, (i + 1) * t // runs, a) for i, a in enumerate(adapters)]
+
+
 def check_lora_masters(dev: torch.device, t: int, hidden: int, inter: int, rows: list) -> bool:
     """The masters' gradients too (which `run` does not see): gate/up of 8 runs × t/8 rows in bf16, the exact
     several-run form (grouped GEMMs + Triton add) and the stacked one, against the per-segment reference in
     float32; timed forward + backward."""
     g = torch.Generator(device=dev).manual_seed(1)
-    adapters = []
-    for i in range(8):
-        a = AdapterWeights(spec=LoraSpec(rank=32, alpha=16 * (1 + i % 2)))  # two scales
-        for k in ("gate", "up"):
-            a.a[k] = (torch.randn(32, hidden, device=dev, generator=g) * 0.02).requires_grad_(True)
-            a.b[k] = (torch.randn(inter, 32, device=dev, generator=g) * 0.02).requires_grad_(True)
-        adapters.append(a)
-    segs = [LoraSegment(i * t // 8, (i + 1) * t // 8, a) for i, a in enumerate(adapters)]
+    adapters, segs = gate_up_runs(8, t, hidden, inter, dev, g, alphas=(16, 32))  # two scales
     x = torch.randn(t, hidden, device=dev, generator=g)
     base = torch.randn(t, 2 * inter, device=dev, generator=g)
     up = torch.randn(t, 2 * inter, device=dev, generator=g)
@@ -141,14 +147,7 @@ def main() -> int:
 
     # LoRA r32 on gate/up of one run and of 8 runs (1k rows each), fused vs per-segment reference.
     for runs in (1, 8):
-        adapters = []
-        for i in range(runs):
-            a = AdapterWeights(spec=LoraSpec(rank=32))
-            for k in ("gate", "up"):
-                a.a[k] = (torch.randn(32, hidden, device=dev, generator=g) * 0.02).requires_grad_(True)
-                a.b[k] = (torch.randn(inter, 32, device=dev, generator=g) * 0.02).requires_grad_(True)
-            adapters.append(a)
-        segs = [LoraSegment(i * t // runs, (i + 1) * t // runs, a) for i, a in enumerate(adapters)]
+        adapters, segs = gate_up_runs(runs, t, hidden, inter, dev, g)
         fused, ref = TrainLora(segs, fused=True), TrainLora(segs, fused=False)
         ok &= run(lambda dt: [torch.randn(t, hidden, device=dev, generator=g, dtype=dt).requires_grad_(True),
                               torch.randn(t, 2 * inter, device=dev, generator=g, dtype=dt)],

@@ -45,7 +45,7 @@ from tinkerbell.engine.tp.shard import gather_lora_tensors, norm_owner, shard_ad
 from tinkerbell.engine.training_forward import PackedAttention, hidden_states, packed_positions
 from tinkerbell.engine.training_lora import TrainLora
 from tinkerbell.engine.training_memory import MemoryPlan, plan_memory
-from tinkerbell.engine.training_params import pack, views_like
+from tinkerbell.engine.training_params import assemble, ordered, pack, views_like
 from tinkerbell.engine.types import AdamParams, EngineUserError, ForwardBackwardResult, TrainDatum
 
 # Elements of one [chunk, vocab] logits block: 32M floats = 128 MiB, ~220 rows at a 150k vocabulary.
@@ -88,9 +88,7 @@ def _named_params(w: AdapterWeights) -> dict[str, torch.Tensor]:
 
 def _frozen_view(w: AdapterWeights) -> AdapterWeights:
     """The same tensors cut from autograd, so a forward-only segment never touches its run's accumulator."""
-    return AdapterWeights(spec=w.spec, a={k: v.detach() for k, v in w.a.items()},
-                          b={k: v.detach() for k, v in w.b.items()},
-                          flat=None if w.flat is None else w.flat.detach())
+    return assemble(w, [t.detach() for t in ordered(w)], None if w.flat is None else w.flat.detach())
 
 
 class Trainer:
@@ -167,9 +165,7 @@ class Trainer:
         w = self._get(run_id).weights
         assert w.flat is not None
         low = w.flat.detach().to(self.model_dtype, copy=True)
-        keys = list(w.a)
-        views = views_like(low, w.flat, [w.a[k] for k in keys] + [w.b[k] for k in keys])
-        return AdapterWeights(spec=w.spec, a=dict(zip(keys, views[:len(keys)])), b=dict(zip(keys, views[len(keys):])))
+        return assemble(w, views_like(low, w.flat, ordered(w)))
 
     def stats(self) -> dict:
         return {"runs": len(self._runs), **self._counters}

@@ -145,24 +145,25 @@ class TrainLora:
                out: torch.Tensor | None, row_offset: int,
                base: tuple[torch.Tensor, torch.Tensor | None] = (None, None)) -> torch.Tensor:
         n = x.shape[0]
-        masters: list[torch.Tensor] = []
-        owners: list[int] = []  # each master's segment
-        index: dict[tuple[int, int], int] = {}  # (module, segment) -> its (A, B) pair's place in `masters`
-        for j, (k, ls) in enumerate(zip(keys, live)):
-            for i in ls:
-                index[(j, i)] = len(masters) // 2
-                masters += [self.segments[i].weights.a[k], self.segments[i].weights.b[k]]
-                owners += [i, i]
         segs = sorted({i for ls in live for i in ls})
         bounds = {i: (max(self.segments[i].start - row_offset, 0), min(self.segments[i].end - row_offset, n))
                   for i in segs}
         plan = self._segment_plan(widths, live, segs, bounds, n, x.device) if len(segs) > 1 else None
         if plan is not None:
-            order = [index[(j, i)] for i in segs for j in range(len(keys))]  # run-major
-            run_major = tuple(t for mi in order for t in masters[2 * mi:2 * mi + 2])
+            ws = [self.segments[i].weights for i in segs]
+            run_major = tuple(t for w in ws for k in keys for t in (w.a[k], w.b[k]))
             a3, b3s = self._stacked(keys, segs, x.dtype)
-            return SegmentedLoraAdd.apply(x, out, *base, plan, run_major, a3, *b3s,
-                                          *run_major[::2 * len(keys)])
+            return SegmentedLoraAdd.apply(x, out, *base, plan, run_major, a3, *b3s, *(w.a[keys[0]] for w in ws))
+        masters: list[torch.Tensor] = []
+        owners: list[int] = []  # each master's segment
+        first: dict[int, int] = {}  # segment -> its first master
+        index: dict[tuple[int, int], int] = {}  # (module, segment) -> its (A, B) pair's place in `masters`
+        for j, (k, ls) in enumerate(zip(keys, live)):
+            for i in ls:
+                index[(j, i)] = len(masters) // 2
+                first.setdefault(i, len(masters))
+                masters += [self.segments[i].weights.a[k], self.segments[i].weights.b[k]]
+                owners += [i, i]
         # the masters in x's dtype, which the matmuls use
         lows = [self._cast(i, m, x.dtype) for i, m in zip(owners, masters)]
         if len(segs) == 1 or min(e - s for s, e in bounds.values()) >= SEGMENT_MIN_ROWS:
@@ -176,9 +177,8 @@ class TrainLora:
             groups = (_RowGroup(0, n, pairs, 0),)
             scales = (self._scale_matrix(live, x.dtype, x.device)[row_offset:row_offset + n],)
         place = {i: p for p, i in enumerate(segs)}
-        reps = [self.segments[i].weights.a[keys[next(j for j, ls in enumerate(live) if i in ls)]] for i in segs]
         return _LoraAdd.apply(x, out, *base, _Layout(tuple(widths), groups), tuple(masters),
-                              tuple(place[i] for i in owners), *scales, *lows, *reps)
+                              tuple(place[i] for i in owners), *scales, *lows, *(masters[first[i]] for i in segs))
 
     def _stacked(self, keys: tuple[str, ...], segs: list[int], dtype: torch.dtype
                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -21,16 +21,25 @@ def pack(weights: AdapterWeights) -> AdapterWeights:
     view that requires grad. Already packed weights come back as they are."""
     if weights.flat is not None:
         return weights
-    keys = list(weights.a)
-    tensors = [weights.a[k] for k in keys] + [weights.b[k] for k in keys]
+    tensors = ordered(weights)
     flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
     views, at = [], 0
     for t in tensors:
-        v = flat[at:at + t.numel()].view(t.shape)
-        views.append(v.requires_grad_(True))
+        views.append(flat[at:at + t.numel()].view(t.shape).requires_grad_(True))
         at += t.numel()
+    return assemble(weights, views, flat)
+
+
+def ordered(weights: AdapterWeights) -> list[torch.Tensor]:
+    """Every A in key order, then every B: the packed buffer's order."""
+    return list(weights.a.values()) + [weights.b[k] for k in weights.a]
+
+
+def assemble(like: AdapterWeights, tensors: list[torch.Tensor], flat: torch.Tensor | None = None) -> AdapterWeights:
+    """An adapter with `like`'s spec and keys over `tensors` (in `ordered`'s order)."""
+    keys = list(like.a)
     n = len(keys)
-    return AdapterWeights(spec=weights.spec, a=dict(zip(keys, views[:n])), b=dict(zip(keys, views[n:])), flat=flat)
+    return AdapterWeights(spec=like.spec, a=dict(zip(keys, tensors[:n])), b=dict(zip(keys, tensors[n:])), flat=flat)
 
 
 def views_like(buffer: torch.Tensor, flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
