@@ -44,7 +44,8 @@ from tinkerbell.engine.tp.shard import gather_lora_tensors, norm_owner, shard_ad
     sync_replicated_grads
 from tinkerbell.engine.training_forward import PackedAttention, hidden_states, packed_positions
 from tinkerbell.engine.training_lora import TrainLora
-from tinkerbell.engine.training_memory import MemoryPlan, plan_memory
+from tinkerbell.engine.training_memory import MIN_TRAINABLE_TOKENS, RESIDENT_STATE_BYTES, RUN_STATE_BYTES, \
+    MemoryPlan, adapter_elements, plan_memory
 from tinkerbell.engine.training_params import assemble, ordered, pack, views_like
 from tinkerbell.engine.types import AdamParams, EngineUserError, ForwardBackwardResult, TrainDatum
 
@@ -145,6 +146,7 @@ class Trainer:
             raise EngineUserError(f"training run {run_id!r} already exists")
         if self.shard is not None and seed is None:
             raise EngineUserError("a tensor-parallel trainer needs a seed for a new adapter (rank 0 draws one)")
+        self._check_room(spec)
         self._add(run_id, pack(AdapterWeights.init(self.cfg, spec, seed, dtype=torch.float32, device=self.device,
                                                    shard=self.shard)))
 
@@ -179,12 +181,12 @@ class Trainer:
         loss = resolve(loss_fn)
         config = LossConfig.parse(loss_config)
         validate(data, loss, self.cfg.vocab_size, self.cfg.max_position_embeddings)
-        self._check_size(data)
+        self._check_size(data, self.spec(run_id))
         return TrainSegment(run_id, data, loss, config, forward_only)
 
-    def _check_size(self, data: list[TrainDatum]) -> None:
+    def _check_size(self, data: list[TrainDatum], spec: LoraSpec) -> None:
         """Refuse what memory cannot hold (a 4xx that names the limit) instead of running out of it."""
-        plan = self.memory_plan()
+        plan = self._plan_with([spec])
         longest = max(len(d.tokens) for d in data)
         if longest > plan.max_sequence_tokens:
             raise EngineUserError(
@@ -207,7 +209,7 @@ class Trainer:
         runs = [self._get(s.run_id) for s in segments]
         views = [_frozen_view(r.weights) if s.forward_only else r.weights for s, r in zip(segments, runs)]
         targets = self._targets(segments)
-        plan = self.memory_plan()
+        plan = self._plan_with([r.weights.spec for r in {id(r): r for r in runs}.values()])
         total = sum(len(d.tokens) for s in segments for d in s.data)
         cap, checkpointed = plan.microbatch_tokens(total)
         if self.checkpoint_layers is not None:
@@ -298,10 +300,36 @@ class Trainer:
         return device.type == "cuda" if self.gpu_paths is None else self.gpu_paths
 
     def memory_plan(self) -> MemoryPlan:
-        """Measured once, on first use: by then the sampler's KV cache holds its share of the GPU."""
+        """Measured once, on first use: by then the sampler's KV cache holds its share of the GPU. Before the
+        runs' state is charged (`_plan_with`)."""
         if self._memory is None:
-            self._memory = plan_memory(self.model, self.chunk_rows * self.local_vocab)
+            resident = sum(RESIDENT_STATE_BYTES * self._elements(r.weights.spec) for r in self._runs.values())
+            self._memory = plan_memory(self.model, self.chunk_rows * self.local_vocab, resident)
         return self._memory
+
+    def _elements(self, spec: LoraSpec) -> int:
+        return adapter_elements(self.cfg, spec, self.tp.world if self.tp is not None else 1)
+
+    def _plan_with(self, batch: list[LoraSpec], new: LoraSpec | None = None) -> MemoryPlan:
+        """The memory plan less every run's training state (and `new`'s, a run about to be created) and the
+        model-dtype copies of the adapters of a batch of the runs `batch`."""
+        specs = [r.weights.spec for r in self._runs.values()] + ([new] if new is not None else [])
+        state = sum(RUN_STATE_BYTES * self._elements(s) for s in specs)
+        copies = sum(self.model_dtype.itemsize * self._elements(s) for s in batch)
+        return self.memory_plan().after_state(state + copies)
+
+    def _check_room(self, spec: LoraSpec) -> None:
+        """Refuse a new run whose state would leave training too little memory (a 4xx, not an OOM later)."""
+        plan = self._plan_with([spec], new=spec)
+        if plan.state_at_plan is None or plan.max_tokens(checkpointed=True) >= MIN_TRAINABLE_TOKENS:
+            return  # a fixed plan charges no run state
+        mib = RUN_STATE_BYTES * self._elements(spec) / 2**20
+        held = sum(RUN_STATE_BYTES * self._elements(r.weights.spec) for r in self._runs.values()) / 2**30
+        raise EngineUserError(
+            f"no training memory left for another LoRA adapter of rank {spec.rank} ({mib:.0f} MiB of fp32 weights, "
+            f"AdamW moments and gradients): the {len(self._runs)} runs on this server hold {held:.1f} GiB, and with "
+            f"one more a micro-batch could not hold {MIN_TRAINABLE_TOKENS} tokens. End runs you no longer train, "
+            "use a lower rank, or restart the server with a lower --gpu-memory-util (more memory for training)")
 
     def _targets(self, segments: list[TrainSegment]) -> _Targets:
         rows, ids, spans = [], [], []
@@ -461,6 +489,7 @@ class Trainer:
             raise EngineUserError("the checkpoint's adapter is unreadable or does not fit this base model "
                                   "(a target module's LoRA weights are missing)") from None
         self._check_shapes(weights)
+        self._check_room(weights.spec)
         reshard = None
         if self.shard is not None:  # every rank reads the whole adapter and keeps its pieces
             shard = self.shard

@@ -9,15 +9,24 @@ checkpointing a layer keeps only its input, but the layer being recomputed holds
 
 must fit the budget. On GPU the budget is the memory free when training first runs (after the sampler's KV
 cache took its `--gpu-memory-util` share), less a reserve; on CPU it is a fixed figure.
+
+The runs' own state comes out of the same memory: each run's fp32 masters, two AdamW moments and gradient
+accumulator (16 bytes an adapter element: ~430 MB for Llama-3.2-1B at rank 32, ~1.4 GB for 8B), and, during a
+batch, the model-dtype copy of every adapter in it. The budget measured on GPU already excludes the masters and
+moments of the runs that existed then; runs created later, the gradients and the copies are charged against it
+at each use (`MemoryPlan.after_state`), so a server that gains runs shrinks its micro-batches, then refuses new
+runs with a 4xx, instead of running out of memory mid-step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from tinkerbell.engine.batch import BatchContext
+from tinkerbell.engine.lora import LoraSpec, module_shape
+from tinkerbell.engine.models.config import ModelConfig
 from tinkerbell.engine.models.llama import CausalLM
 from tinkerbell.engine.training_forward import PackedAttention, layer_forward, packed_positions
 from tinkerbell.engine.training_lora import TrainLora
@@ -31,6 +40,18 @@ EFFICIENT_TOKENS = 4096
 # A request may span at most this many micro-batches: it bounds how long one request holds the engine.
 MAX_MICROBATCHES_PER_REQUEST = 32
 PROBE_TOKENS = (64, 128)
+# A run's state per adapter element, in bytes: fp32 master, two fp32 AdamW moments, fp32 gradient accumulator.
+RUN_STATE_BYTES = 16
+RESIDENT_STATE_BYTES = 12  # of which allocated from creation on (the gradient appears at the first backward)
+# A new run is refused when, with it, training could no longer hold a micro-batch of this many tokens.
+MIN_TRAINABLE_TOKENS = 1024
+
+
+def adapter_elements(cfg: ModelConfig, spec: LoraSpec, world: int = 1) -> int:
+    """A run's adapter size in elements on one rank of a `world`-way tensor-parallel group: the whole adapter's
+    even share, the same figure on every rank, so that all ranks plan the same micro-batches."""
+    total = sum(spec.rank * sum(module_shape(cfg, key)) for key in spec.target_keys(cfg))
+    return -(-total // world)
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,15 @@ class MemoryPlan:
     checkpoint_bytes_per_token: float  # what a checkpointed layer keeps (its input), per token
     other_bytes_per_token: float  # embeddings, final norm, hidden-state gradient, per-target scalars
     num_layers: int
+    # Run state (bytes) already outside `budget_bytes` when it was measured; None: a fixed plan for activations
+    # alone, against which no run state is charged.
+    state_at_plan: int | None = None
+
+    def after_state(self, state_bytes: int) -> MemoryPlan:
+        """This plan while runs hold `state_bytes` (their training state and a batch's copies of them)."""
+        if self.state_at_plan is None:
+            return self
+        return replace(self, budget_bytes=max(0, self.budget_bytes - (state_bytes - self.state_at_plan)))
 
     def bytes_per_token(self, checkpointed: bool) -> float:
         if checkpointed:
@@ -93,7 +123,8 @@ def _saved_bytes(model: CausalLM, tokens: int, device: torch.device, dtype: torc
     return sum(seen.values())
 
 
-def plan_memory(model: CausalLM, logits_chunk_elems: int) -> MemoryPlan:
+def plan_memory(model: CausalLM, logits_chunk_elems: int, resident_state_bytes: int = 0) -> MemoryPlan:
+    """`resident_state_bytes`: what the runs that exist now hold (on GPU, already gone from the free memory)."""
     first = next(model.parameters())
     device, dtype = first.device, first.dtype
     lo, hi = PROBE_TOKENS
@@ -110,8 +141,9 @@ def plan_memory(model: CausalLM, logits_chunk_elems: int) -> MemoryPlan:
         free, _total = torch.cuda.mem_get_info(device)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = int(GPU_FREE_FRACTION * (free + cached)) - GPU_RESERVE_BYTES - logits_ws
-    else:
-        budget = CPU_BUDGET_BYTES - logits_ws
+        state_at_plan = resident_state_bytes
+    else:  # a fixed figure that every run's state comes out of
+        budget, state_at_plan = CPU_BUDGET_BYTES - logits_ws, 0
     return MemoryPlan(budget_bytes=max(budget, 0), layer_bytes_per_token=per_layer,
                       checkpoint_bytes_per_token=hidden_bytes, other_bytes_per_token=other,
-                      num_layers=model.cfg.num_layers)
+                      num_layers=model.cfg.num_layers, state_at_plan=state_at_plan)
