@@ -229,6 +229,44 @@ async def wave(url: str, key: str, prompts: list[list[int]], body: dict[str, Any
         return time.perf_counter() - t0, list(out)
 
 
+COUNTERS = ("steps", "forwards", "forward_tokens", "cuda_graph_replays", "cuda_graph_captures")
+
+
+def sampler_counters(url: str, key: str) -> dict[str, float]:
+    """The diffusion sampler's counters from the server's /stats (summed over replicas behind a router)."""
+    found: dict[str, float] = dict.fromkeys(COUNTERS, 0.0)
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            if "forwards" in v and "steps" in v:
+                for k in COUNTERS:
+                    found[k] += float(v.get(k) or 0)
+                return
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk(httpx.get(url + "/stats", headers={"Authorization": f"Bearer {key}"}, timeout=30).json())
+    return found
+
+
+def measured_wave(server: Any, prompts: list[list[int]], req: dict[str, Any],
+                  seen: dict[str, str]) -> tuple[float, list[list[int]]]:
+    """`wave`, plus what the sampler did meanwhile (steps, forwards per step, tokens per forward, graph replays
+    and captures) recorded under the wave's name in `seen`: why HTTP differs from the in-process figure."""
+    before = sampler_counters(server.url, server.api_key)
+    t, toks = asyncio.run(wave(server.url, server.api_key, prompts, req))
+    d = {k: v - before[k] for k, v in sampler_counters(server.url, server.api_key).items()}
+    steps = max(d["steps"], 1.0)
+    seen[f"{req['generation_algorithm']} x{len(prompts)} steps {req['steps']}"] = (
+        f"{t:.2f}s, {d['steps']:.0f} steps ({1000 * t / steps:.1f} ms each), {d['forwards'] / steps:.2f} forwards "
+        f"a step, {d['forward_tokens'] / max(d['forwards'], 1):.0f} tokens a forward, "
+        f"{d['cuda_graph_replays']:.0f} replays, {d['cuda_graph_captures']:.0f} captures")
+    return t, toks
+
+
 def body(model: str, args: argparse.Namespace, steps: int, algo: str) -> dict[str, Any]:
     return {"model": model, "max_tokens": args.gen, "temperature": 0, "ignore_eos": True, "steps": steps,
             "block_length": args.block, "generation_algorithm": algo}
@@ -344,6 +382,7 @@ def main() -> int:
     served_match = None
     dp_rps: dict[int, float] = {}
     load_s: dict[int, float] = {}
+    waves: dict[str, str] = {}
     try:
         for dp in (1,) if args.quick else (1, 2):
             t0 = time.perf_counter()
@@ -363,13 +402,13 @@ def main() -> int:
                                                                           "max_tokens": args.block}))  # warm-up
                 if dp == 1:
                     for algo in algos:
-                        t, _ = asyncio.run(wave(server.url, server.api_key, ps[:1], body(name, args, args.gen, algo)))
+                        t, _ = measured_wave(server, ps[:1], body(name, args, args.gen, algo), waves)
                         http[("a", algo)] = args.gen / t
-                        t, toks = asyncio.run(wave(server.url, server.api_key, ps, body(name, args, args.gen, algo)))
+                        t, toks = measured_wave(server, ps, body(name, args, args.gen, algo), waves)
                         http[("b", algo)] = n / t
                         if algo == "basic":
                             served_match = matching(toks, ref_tokens)
-                        t, _ = asyncio.run(wave(server.url, server.api_key, ps, body(name, args, args.gen // 4, algo)))
+                        t, _ = measured_wave(server, ps, body(name, args, args.gen // 4, algo), waves)
                         http[("c", algo)] = n / t
                         log(f"HTTP {algo}: a {http[('a', algo)]:.1f} tok/s, b {http[('b', algo)]:.2f} req/s, "
                             f"c {http[('c', algo)]:.2f} req/s")
@@ -443,6 +482,8 @@ def main() -> int:
         print(f"- bf16 matmul peak measured in this run (8192^3): {peak:.0f} TFLOP/s")
     print(f"- checkpoint write {t_write:.0f}s; server start dp 1 {load_s.get(1, 0):.0f}s, dp 2 {load_s.get(2, 0):.0f}s;"
           f" whole run {time.perf_counter() - t_start:.0f}s")
+    for name, what in waves.items():
+        print(f"- HTTP wave {name} (dp 1), the sampler meanwhile: {what}")
     for note in notes:
         print(f"- {note}")
     return 0 if exact and not notes else 1

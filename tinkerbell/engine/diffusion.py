@@ -558,6 +558,7 @@ class DiffusionSampler:
             "mean_batch_size": (sum(k * v for k, v in self._hist.items()) / batches) if batches else 0.0,
             "batch_size_histogram": {str(k): v for k, v in sorted(self._hist.items())},
             "cuda_graph_replays": self._graphs.replays if self._graphs is not None else 0,
+            "cuda_graph_captures": self._graphs.captures if self._graphs is not None else 0,
             **c,
         }
 
