@@ -76,7 +76,8 @@ SERVE_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--batch-size",), "batch_size", {"type": int, "metavar": "B"},
      "Diffusion LMs: most sequences denoised per model forward."),
     (("--max-wait-time",), "max_wait_time", {"type": float, "metavar": "SECONDS"},
-     "Diffusion LMs: how long an idle server waits for a batch to fill before starting it."),
+     "Diffusion LMs: how long an idle server waits for a batch to fill before starting it (besides, "
+     "requests arriving within 3 ms of each other always start as one batch)."),
     (("--dcp-path",), "dcp_path", {"type": Path, "metavar": "DIR"},
      "Load the weights from this torch.distributed.checkpoint folder (in memory) onto --base-model."),
     (("--base-model",), "base_model", {"metavar": "M"},

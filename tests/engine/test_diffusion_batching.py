@@ -144,3 +144,34 @@ def test_engine_serves_llada_and_refuses_training(tiny_llada_dir):
         assert stats["algorithm"] == "dual_cache" and stats["max_batch_size"] == 4
     finally:
         engine.shutdown()
+
+
+def test_an_idle_sampler_gathers_a_burst_into_one_batch(model, monkeypatch):
+    """Requests arriving within GATHER_QUIET_SECONDS of each other start together (in phase), a lone request
+    starts once that quiet time has passed, and a stream that never pauses starts after GATHER_MAX_SECONDS."""
+    from tinkerbell.engine import diffusion
+
+    clock = [100.0]
+    monkeypatch.setattr(diffusion, "_clock", lambda: clock[0])
+    monkeypatch.setattr(diffusion, "_sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    quiet, most = diffusion.GATHER_QUIET_SECONDS, diffusion.GATHER_MAX_SECONDS
+    s = make_sampler(model, batch_size=8)
+    job = SampleJob(prompt=[10, 11, 12], max_tokens=4, temperature=0.0, steps=4, block_length=4)
+    futs = [submit(s, job)]
+    s.step()  # sleeps (on the fake clock) instead of running a forward
+    assert s.stats()["steps"] == 0
+    clock[0] += quiet / 3
+    futs.append(submit(s, job))  # within the quiet time: joins the same first batch
+    while s.stats()["steps"] == 0:
+        s.step()
+    assert s.stats()["batch_size_histogram"] == {"2": 1}
+    drain(s)
+    assert clock[0] - 100.0 < quiet + quiet / 3 + 0.006  # a lone burst waits only for its quiet time
+
+    s = make_sampler(model, batch_size=64)
+    start = clock[0]
+    while s.stats()["steps"] == 0:  # a request every quiet / 2: never quiet
+        submit(s, job)
+        clock[0] += quiet / 2
+        s.step()
+    assert most <= clock[0] - start < most + 0.01

@@ -25,8 +25,10 @@ def _run(model, jobs: list[SampleJob], stagger: bool, **kw) -> tuple[list[list[i
     for job in jobs:
         futs.append(Future())
         sampler.add_request(job, futs[-1])
-        if stagger:
-            sampler.step()
+        if stagger:  # one step that runs (an idle sampler first gathers what arrives with the first request)
+            ran = sampler.stats()["steps"]
+            while sampler.stats()["steps"] == ran:
+                sampler.step()
     while sampler.has_work():
         sampler.step()
     return [f.result().sequences[0].tokens for f in futs], sampler.stats()
