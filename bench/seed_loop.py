@@ -67,7 +67,9 @@ def user_loop(url: str, key: str, model: str, vocab: int, user: int, iters: int,
 def engine_loop_seconds(url: str) -> dict[str, float]:
     import httpx
 
-    return httpx.get(f"{url}/stats", timeout=10).json()["engine"].get("loop_seconds", {})
+    engine = httpx.get(f"{url}/stats", timeout=10).json()["engine"]
+    # how many packed forward/backward passes served the users' requests: 1 an iteration when all are packed
+    return {**engine.get("loop_seconds", {}), "train_batches": engine.get("train_batches", 0)}
 
 
 def main() -> None:
@@ -135,7 +137,8 @@ def main() -> None:
         steps = max(d.get("sampler_steps", 0), 1e-9)
         print(f"\nengine thread per iteration (host s): training {d['training']:.3f}, other jobs "
               f"{d['other_jobs']:.3f}, sampling {d['sampling']:.3f} in {d['sampler_steps']:.0f} steps "
-              f"({d['sampling'] / steps * 1e3:.2f} ms/step), waiting {d['waiting']:.3f}")
+              f"({d['sampling'] / steps * 1e3:.2f} ms/step), waiting {d['waiting']:.3f}; "
+              f"{d['train_batches']:.1f} packed forward/backward passes")
     losses = [out[0][i]["loss"] for i in range(len(out[0]))]
     print(f"\nuser 0 loss per iteration: {', '.join(f'{x:.3f}' for x in losses)}")
     if not losses[-1] < losses[0]:

@@ -147,14 +147,14 @@ def test_engine_serves_llada_and_refuses_training(tiny_llada_dir):
 
 
 def test_an_idle_sampler_gathers_a_burst_into_one_batch(model, monkeypatch):
-    """Requests arriving within GATHER_QUIET_SECONDS of each other start together (in phase), a lone request
-    starts once that quiet time has passed, and a stream that never pauses starts after GATHER_MAX_SECONDS."""
-    from tinkerbell.engine import diffusion
+    """Requests arriving within gather.QUIET_SECONDS of each other start together (in phase), a lone request
+    starts once that quiet time has passed, and a stream that never pauses starts after gather.MAX_SECONDS."""
+    from tinkerbell.engine import diffusion, gather
 
     clock = [100.0]
     monkeypatch.setattr(diffusion, "_clock", lambda: clock[0])
     monkeypatch.setattr(diffusion, "_sleep", lambda s: clock.__setitem__(0, clock[0] + s))
-    quiet, most = diffusion.GATHER_QUIET_SECONDS, diffusion.GATHER_MAX_SECONDS
+    quiet, most = gather.QUIET_SECONDS, gather.MAX_SECONDS
     s = make_sampler(model, batch_size=8)
     job = SampleJob(prompt=[10, 11, 12], max_tokens=4, temperature=0.0, steps=4, block_length=4)
     futs = [submit(s, job)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -154,3 +155,29 @@ def test_stats_say_where_the_engine_threads_time_went(engine):
     after = engine.stats()["loop_seconds"]
     assert after["training"] > before["training"] and after["other_jobs"] > before["other_jobs"]
     assert after["sampling"] > before["sampling"] and after["sampler_steps"] >= before["sampler_steps"] + 4
+
+
+def test_a_burst_of_several_runs_requests_is_one_packed_pass_and_a_lone_run_never_waits(tiny_llama_dir,
+                                                                                         monkeypatch):
+    """With the quiet time stretched to 5 s: two of three runs' requests wait for the third, then all three run
+    as one pass at once (no run left to wait for); a server with one run does not wait at all."""
+    from tinkerbell.engine import gather
+
+    monkeypatch.setattr(gather, "QUIET_SECONDS", 5.0)
+    monkeypatch.setattr(gather, "MAX_SECONDS", 10.0)
+    eng = Engine(EngineConfig(model=str(tiny_llama_dir), max_loras=2, max_lora_rank=8))
+    try:
+        eng.create_adapter("only", LoraSpec(rank=4), seed=0).result()
+        assert eng.forward_backward("only", [_datum(1)], "cross_entropy", {}, False).result(timeout=4)
+        for run in ("u2", "u3"):
+            eng.create_adapter(run, LoraSpec(rank=4), seed=0).result()
+        batches = eng.stats()["train_batches"]
+        futs = [eng.forward_backward(run, [_datum(i)], "cross_entropy", {}, False)
+                for i, run in enumerate(("only", "u2"))]
+        time.sleep(0.5)  # without gathering, time enough to run them (ms on this model)
+        assert not any(f.done() for f in futs)  # waiting for the third run (the engine thread sleeps meanwhile)
+        futs.append(eng.forward_backward("u3", [_datum(5)], "cross_entropy", {}, False))
+        assert all(f.result(timeout=4).metrics["loss:sum"] > 0 for f in futs)
+        assert eng.stats()["train_batches"] == batches + 1
+    finally:
+        eng.shutdown()

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from tinkerbell.engine import sampling
+from tinkerbell.engine import gather, sampling
 from tinkerbell.engine.diffusion_graphs import GraphCache
 from tinkerbell.engine.diffusion_graphs import wanted as graphs_wanted
 from tinkerbell.engine.models.llada import LLaDAModel
@@ -63,13 +63,6 @@ MAX_NUM_SAMPLES = 64
 # them as two forwards (see DiffusionSampler._logits): about where a GPU forward turns from weight-bound to
 # compute-bound, so below it the second pass over the weights costs more than the padding.
 SPLIT_TOKENS = 256
-# An idle sampler takes requests that arrive within this long of each other as one batch (for at most
-# GATHER_MAX_SECONDS): a burst sent at once reaches the engine spread over milliseconds (each HTTP request is
-# parsed in turn, and once a step runs the engine thread competes with the server for the GIL). Started one by
-# one, its rows would sit in different phases of their blocks, and every step would pay a second forward for
-# the rows (re)building their cache; on the CPU a burst of 16 spread over 15 extra steps of a 32-step run.
-GATHER_QUIET_SECONDS = 0.003
-GATHER_MAX_SECONDS = 0.05
 _clock, _sleep = time.monotonic, time.sleep  # the admission's clock (tests run it on a fake one)
 
 log = logging.getLogger("tinkerbell.diffusion")
@@ -284,11 +277,11 @@ class DiffusionSampler:
     def _admit(self) -> None:
         if not self._running and self._waiting and len(self._waiting) < self.batch_size:
             # An idle sampler waits up to max_wait_time for a fuller first batch (the existing server's knob), and
-            # while a burst is still arriving (GATHER_QUIET_SECONDS since the last request, GATHER_MAX_SECONDS at most).
-            now = _clock()
-            age, quiet = now - self._waiting[0].group.arrived, now - self._waiting[-1].group.arrived
-            wait = max(self.max_wait_time - age,
-                       min(GATHER_QUIET_SECONDS - quiet, GATHER_MAX_SECONDS - age))
+            # while a burst is still arriving (gather.py): started one by one, a burst's rows would sit in
+            # different phases of their blocks, and most steps would pay a second forward for the rows (re)building
+            # their cache (on the CPU, 16 requests at once over HTTP ran 47 steps of a 32-step run).
+            now, first = _clock(), self._waiting[0].group.arrived
+            wait = max(self.max_wait_time - (now - first), gather.wait_left(now, first, self._waiting[-1].group.arrived))
             if wait > 0:
                 _sleep(min(wait, 0.005))
                 return

@@ -13,12 +13,13 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from tinkerbell.engine import gather
 from tinkerbell.engine.diffusion import DiffusionSampler, RefusedTrainer
 from tinkerbell.engine.lora import LoraSpec
 from tinkerbell.engine.models.config import ModelConfig
@@ -48,6 +49,7 @@ class _Job:
     fwdbwd: tuple | None = None
     run: str | None = None  # the training run whose order this job keeps (None: a sampler/control job)
     optim: AdamParams | None = None  # for optim_step jobs: steps of several runs due together run as one update
+    arrived: float = field(default_factory=time.monotonic)
 
     @property
     def tokens(self) -> int:
@@ -230,6 +232,10 @@ class Engine:
                 batch = [self._runs[first].popleft()]
             else:
                 ready = [r for r, q in self._runs.items() if q[0].fwdbwd is not None]
+                left = self._gather_left(ready)
+                if left > 0:  # more users' forward/backward may be on their way: one packed pass for all
+                    self._wake.wait(timeout=left)
+                    return []
                 share = MAX_PACKED_TRAIN_TOKENS // len(ready)
                 batch, tokens = [], 0
                 for run in ready:
@@ -249,6 +255,18 @@ class Engine:
             for run in [r for r, q in self._runs.items() if not q]:
                 del self._runs[run]
             return batch
+
+    def _gather_left(self, ready: list[str]) -> float:
+        """How long an otherwise idle engine should wait for the rest of a burst of forward/backward requests
+        (gather.py); <= 0 when every run has one pending (nobody else to wait for: a lone user never waits), the
+        sampler has work (its steps leave time for arrivals) or a batch is full."""
+        if len(ready) >= self.trainer.stats().get("runs", 0) or self.sampler.has_work():
+            return 0.0
+        heads = [self._runs[r][0] for r in ready]
+        if sum(j.tokens for j in heads) >= MAX_PACKED_TRAIN_TOKENS:
+            return 0.0
+        arrived = [j.arrived for j in heads]
+        return gather.wait_left(time.monotonic(), min(arrived), max(arrived))
 
     def _run_jobs(self, jobs: list[_Job]) -> None:
         live = [j for j in jobs if j.fut.set_running_or_notify_cancel()]
