@@ -397,3 +397,56 @@ def test_autograd_keeps_no_full_vocab_logits(model):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trainer.forward_backward("r", _data(vocab), "cross_entropy", {}, False)
     assert saved and not [s for s in saved if s and s[-1] == vocab]
+
+
+def _grads(trainer: Trainer, run_id: str) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in trainer._get(run_id).weights.parameters()]
+
+
+def _fail_on_micro_batch(trainer: Trainer, monkeypatch, n: int, exc: BaseException) -> None:
+    """Fault injection: the pass's micro-batch `n` (from 1) raises `exc` after the earlier ones ran for real."""
+    real, calls = trainer._micro_batch, []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise exc
+        return real(*args, **kw)
+
+    monkeypatch.setattr(trainer, "_micro_batch", flaky)
+
+
+def test_a_pass_failing_midway_leaves_every_runs_gradients_as_they_were(model, monkeypatch):
+    vocab = model.cfg.vocab_size
+    data = _data(vocab, lengths=(6, 7, 5))  # three micro-batches of the 9-token plan
+    trainers = [Trainer(model, CPU, memory=_small_plan(9)) for _ in range(2)]
+    for t in trainers:
+        t.create("r", LoraSpec(rank=4), seed=3)
+        t.create("s", LoraSpec(rank=4), seed=4)
+        t.forward_backward("r", data, "cross_entropy", {}, False)
+    before = _grads(trainers[0], "r")
+    _fail_on_micro_batch(trainers[0], monkeypatch, 2, RuntimeError("injected"))
+    segs = [trainers[0].prepare(run, data, "cross_entropy", {}, False) for run in ("r", "s")]
+    with pytest.raises(RuntimeError, match="injected"):
+        trainers[0].run_segments(segs)
+    after = _grads(trainers[0], "r")
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(g is None for g in _grads(trainers[0], "s"))  # no partial gradient from micro-batch 1
+    monkeypatch.undo()
+    for t in trainers:  # the same request again, then a step: as if the failed pass never happened
+        t.forward_backward("r", data, "cross_entropy", {}, False)
+        t.optim_step("r", HP)
+    for a, b in zip(_weights(trainers[0], "r"), _weights(trainers[1], "r")):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_running_out_of_memory_in_a_pass_says_what_to_do(model, monkeypatch):
+    from tinkerbell.engine.types import EngineCapacityError
+
+    trainer = Trainer(model, CPU)
+    trainer.create("r", LoraSpec(rank=4), seed=0)
+    _fail_on_micro_batch(trainer, monkeypatch, 1, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    with pytest.raises(EngineCapacityError, match=r"ran out of memory in a forward_backward pass of 21 tokens .*"
+                                                  r"gradients are as they were .* fewer tokens per request"):
+        trainer.forward_backward("r", _data(model.cfg.vocab_size), "cross_entropy", {}, False)
+    assert all(g is None for g in _grads(trainer, "r"))

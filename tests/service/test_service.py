@@ -146,3 +146,14 @@ def test_authenticator(tmp_path):
     auth2 = Authenticator(store2, data, [key], no_auth=False)
     assert auth2.authenticate({"x-api-key": key}) == "team-x"
     assert [r["tenant"] for r in list_keys(data)] == ["team-x"]
+
+
+def test_an_engine_capacity_failure_reaches_the_user_with_its_message():
+    """Out of GPU memory is the server's failure (category server) but its message says what to do; other
+    server-side exceptions stay a generic internal error."""
+    from tinkerbell.engine.types import EngineCapacityError
+    from tinkerbell.service.runs import failure_category, failure_message
+
+    e = EngineCapacityError("the GPU ran out of memory ...; retry with fewer tokens per request")
+    assert failure_category(e) == "server" and failure_message(e) == str(e)
+    assert failure_message(RuntimeError("cuBLAS status 13")) == "internal error (RuntimeError); see the server log"

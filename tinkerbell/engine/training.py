@@ -47,8 +47,10 @@ from tinkerbell.engine.training_lora import TrainLora
 from tinkerbell.engine.training_memory import MIN_TRAINABLE_TOKENS, RESIDENT_STATE_BYTES, RUN_STATE_BYTES, \
     MemoryPlan, adapter_elements, plan_memory
 from tinkerbell.engine.training_params import assemble, ordered, pack, views_like
-from tinkerbell.engine.types import AdamParams, EngineUserError, ForwardBackwardResult, TrainDatum
+from tinkerbell.engine.types import AdamParams, EngineCapacityError, EngineUserError, ForwardBackwardResult, \
+    TrainDatum
 
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 # Elements of one [chunk, vocab] logits block: 32M floats = 128 MiB, ~220 rows at a 150k vocabulary.
 DEFAULT_LOGITS_CHUNK_ELEMS = 2**25
 
@@ -85,6 +87,37 @@ class _Targets:
 def _named_params(w: AdapterWeights) -> dict[str, torch.Tensor]:
     """By optimizer name, in the packed buffer's order (every A, then every B)."""
     return {**{f"{k}.lora_A": t for k, t in w.a.items()}, **{f"{k}.lora_B": t for k, t in w.b.items()}}
+
+
+def _set_aside_grads(runs: list[_Run]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(master, its gradient so far) for every master of `runs`; their `.grad` is cleared meanwhile."""
+    out: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for run in {id(r): r for r in runs}.values():
+        for p in ordered(run.weights):
+            out.append((p, p.grad))
+            p.grad = None
+    return out
+
+
+def _restore_grads(earlier: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """Back to the gradients set aside, dropping what a failed pass accumulated."""
+    for p, g in earlier:
+        p.grad = g
+
+
+def _add_back_grads(earlier: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """The pass's gradients plus those set aside: one multi-tensor add where both exist."""
+    new, old = [], []
+    for p, g in earlier:
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g
+        else:
+            new.append(p.grad)
+            old.append(g)
+    if new:
+        torch._foreach_add_(new, old)
 
 
 def _frozen_view(w: AdapterWeights) -> AdapterWeights:
@@ -220,10 +253,26 @@ class Trainer:
         keep_logits = (self._gpu_paths(self.model_device) and (self.tp is None or self.tp.world == 1)
                        and plan.spare_bytes(rows, checkpointed) >= rows * self.local_vocab * self.model_dtype.itemsize)
         lp_parts, loss_parts = [], []
-        for items in _split(segments, cap):
-            lp, loss = self._micro_batch(segments, views, targets, items, checkpointed, keep_logits)
-            lp_parts.append(lp)
-            loss_parts.append(loss)
+        # The pass accumulates into fresh gradients; the runs' earlier ones (requests since their last optim_step)
+        # are added back only once it succeeded, so a pass that fails midway leaves every run as it was.
+        earlier = _set_aside_grads([r for s, r in zip(segments, runs) if not s.forward_only])
+        try:
+            for items in _split(segments, cap):
+                lp, loss = self._micro_batch(segments, views, targets, items, checkpointed, keep_logits)
+                lp_parts.append(lp)
+                loss_parts.append(loss)
+        except BaseException as e:
+            _restore_grads(earlier)
+            if isinstance(e, OUT_OF_MEMORY):
+                if self.model_device.type == "cuda":
+                    torch.cuda.empty_cache()  # what the failed pass fragmented, back for the next one
+                raise EngineCapacityError(
+                    f"the GPU ran out of memory in a forward_backward pass of {total} tokens ({len(segments)} "
+                    f"requests, micro-batches of up to {cap} tokens); the runs' gradients are as they were before "
+                    "it. Retry with fewer tokens per request; if it persists, restart the server with a lower "
+                    "--gpu-memory-util (more memory for training)") from e
+            raise
+        _add_back_grads(earlier)
         # One device-to-host copy per micro-batch, then split per datum and per segment on the host.
         lp_host = np.concatenate(lp_parts) if lp_parts else np.zeros(0, np.float32)
         loss_host = np.concatenate(loss_parts) if loss_parts else np.zeros(0, np.float32)

@@ -18,6 +18,11 @@ class EngineUserError(ValueError):
     """The request itself is wrong (bad shapes, unknown run, ...): reported to the user as category 'user'."""
 
 
+class EngineCapacityError(RuntimeError):
+    """The engine ran out of a resource (GPU memory) while serving a request: not the request's fault, but its
+    message is safe to show and says what to do; what the request touched is as it was before it."""
+
+
 # ----------------------------------------------------------------------------------------------- training
 
 

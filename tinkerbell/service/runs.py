@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Union
 
 from tinkerbell.engine.lora import LoraSpec
-from tinkerbell.engine.types import AdamParams, ForwardBackwardResult, TrainDatum
+from tinkerbell.engine.types import AdamParams, EngineCapacityError, ForwardBackwardResult, TrainDatum
 from tinkerbell.service.checkpoints import (
     CheckpointManager,
     tinker_path,
@@ -68,7 +68,7 @@ def failure_category(e: BaseException) -> str:
 def failure_message(e: BaseException) -> str:
     if isinstance(e, (ServiceError, ServerFault)):
         return e.detail
-    if failure_category(e) == "user":
+    if failure_category(e) == "user" or isinstance(e, EngineCapacityError):
         return str(e)
     return f"internal error ({type(e).__name__}); see the server log"
 
