@@ -64,7 +64,8 @@ SERVE_FLAGS: list[tuple[tuple[str, ...], str, dict[str, Any], str]] = [
     (("--health-check-interval",), "health_check_interval", {"type": float, "metavar": "SECONDS"},
      "With --dp > 1: seconds between the router's health checks of each replica."),
     (("--gpu-memory-util",), "gpu_memory_util", {"type": float, "metavar": "F"},
-     "Fraction of GPU memory the sampler's KV cache may take; the rest serves training."),
+     "Fraction of the free GPU memory the sampler's KV cache may take (diffusion LMs: the running requests' "
+     "caches; more requests wait); the rest serves training."),
     (("--max-loras",), "max_loras", {"type": int, "metavar": "N"},
      "Adapters resident at once (LoRA slots)."),
     (("--max-lora-rank",), "max_lora_rank", {"type": int, "metavar": "R"}, "Largest LoRA rank accepted."),

@@ -175,3 +175,51 @@ def test_an_idle_sampler_gathers_a_burst_into_one_batch(model, monkeypatch):
         clock[0] += quiet / 2
         s.step()
     assert most <= clock[0] - start < most + 0.01
+
+
+def _row_bytes(model, job):
+    from tinkerbell.engine.diffusion_memory import DiffusionMemory
+
+    mem = DiffusionMemory.for_model(model.cfg, torch.float32, None)
+    return mem.row_bytes(len(job.prompt) + job.max_tokens, job.generation_algorithm or "basic", job.cfg_scale)
+
+
+def test_rows_beyond_the_memory_budget_wait_and_get_their_own_tokens(model):
+    job = SampleJob(prompt=[10, 11, 12], max_tokens=8, temperature=0.0, steps=8, block_length=4,
+                    generation_algorithm="dual_cache")
+    s = make_sampler(model, memory_bytes=2 * _row_bytes(model, job))
+    futs = [submit(s, job) for _ in range(5)]
+    peak = 0
+    while s.has_work():
+        s.step()
+        peak = max(peak, s.stats()["memory_held_bytes"])
+    assert max(int(k) for k in s.stats()["batch_size_histogram"]) == 2
+    assert peak <= s.stats()["memory_budget_bytes"]
+    alone = make_sampler(model)
+    want = submit(alone, job)
+    drain(alone)
+    assert all(f.result().sequences[0].tokens == want.result().sequences[0].tokens for f in futs)
+
+
+def test_a_request_that_could_never_fit_the_memory_budget_is_refused_naming_it(model):
+    cached = SampleJob(prompt=[10, 11, 12], max_tokens=8, temperature=0.0, generation_algorithm="dual_cache")
+    basic = SampleJob(prompt=[10, 11, 12], max_tokens=8, temperature=0.0, generation_algorithm="basic")
+    s = make_sampler(model, memory_bytes=_row_bytes(model, cached) - 1)
+    with pytest.raises(EngineUserError, match=r"max_tokens: prompt \+ max_tokens = 11 tokens with "
+                                              r"generation_algorithm dual_cache need .* GiB of GPU memory; this "
+                                              r"server's diffusion budget is .* use generation_algorithm basic"):
+        submit(s, cached)
+    submit(s, basic)  # a third of the memory: fits
+    drain(s)
+
+
+def test_llada_8b_row_costs_are_what_the_module_says():
+    """diffusion_memory's docstring: 1.7 MB a token cached, 0.6 MB with basic (LLaDA-8B, bf16)."""
+    from bench.diffusion_speed import LLADA_8B
+    from tinkerbell.engine.diffusion_memory import DiffusionMemory
+    from tinkerbell.engine.models.config import ModelConfig
+
+    mem = DiffusionMemory.for_model(ModelConfig.from_hf_dict(LLADA_8B), torch.bfloat16, None)
+    assert round(mem.row_bytes(1, "dual_cache", 0) / 1e6, 1) == 1.7
+    assert round(mem.row_bytes(1, "basic", 0) / 1e6, 1) == 0.6
+    assert mem.row_bytes(1, "basic", 2.0) == 2 * mem.row_bytes(1, "basic", 0)

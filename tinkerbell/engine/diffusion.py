@@ -43,6 +43,7 @@ import torch
 
 from tinkerbell.engine import gather, sampling
 from tinkerbell.engine.diffusion_graphs import GraphCache
+from tinkerbell.engine.diffusion_memory import DiffusionMemory
 from tinkerbell.engine.diffusion_graphs import wanted as graphs_wanted
 from tinkerbell.engine.models.llada import LLaDAModel
 from tinkerbell.engine.sampler import settle
@@ -146,13 +147,14 @@ class _Query:
 class DiffusionSampler:
     """The engine's sampler for diffusion LMs; the interface of `Sampler` (add_request/step/has_work/...).
     `batch_size` caps the sequences per forward, `max_wait_time` is how long an idle sampler waits for a batch
-    to fill before starting, `max_batch_tokens` bounds the tokens of one forward (memory), `split_tokens` is
-    the padding a step may save by running its cache-building and cached rows apart (see `_logits`)."""
+    to fill before starting, `max_batch_tokens` bounds the tokens of one forward, `memory_bytes` what the running
+    rows may hold in memory (diffusion_memory.py; None: unbounded), `split_tokens` is the padding a step may save
+    by running its cache-building and cached rows apart (see `_logits`)."""
 
     def __init__(self, model: LLaDAModel, device: torch.device, dtype: torch.dtype, eos_token_ids: list[int],
                  decode: Callable[[list[int]], str], max_context: int, algorithm: str = "basic",
                  batch_size: int = 16, max_wait_time: float = 0.0, max_batch_tokens: int = 65536,
-                 default_block_length: int = 32, split_tokens: int = SPLIT_TOKENS,
+                 memory_bytes: int | None = None, default_block_length: int = 32, split_tokens: int = SPLIT_TOKENS,
                  cuda_graphs: bool | None = None):
         if model.cfg.mask_token_id is None:
             raise ValueError("diffusion model config has no mask_token_id")
@@ -168,6 +170,7 @@ class DiffusionSampler:
         self.batch_size, self.max_wait_time = int(batch_size), float(max_wait_time)
         self.max_batch_tokens, self.default_block_length = int(max_batch_tokens), int(default_block_length)
         self.split_tokens = int(split_tokens)
+        self.memory = DiffusionMemory.for_model(model.cfg, dtype, memory_bytes)
         model.rope_table(max_context)  # cos/sin of every position a request may reach, built once (before any graph)
         # CUDA graphs of the block steps (diffusion_graphs.py): None = on for CUDA unless
         # TINKERBELL_DIFFUSION_CUDA_GRAPHS=0.
@@ -257,6 +260,7 @@ class DiffusionSampler:
         if total > self.max_context:
             raise EngineUserError(f"max_tokens: prompt length {len(job.prompt)} + max_tokens {job.max_tokens} "
                                   f"= {total} exceeds the model's context limit of {self.max_context} tokens")
+        self.memory.check(total, params.algorithm, params.cfg_scale)
         if job.adapter_key is not None:
             raise EngineUserError("adapter_key: LoRA adapters are not supported for diffusion models (LLaDA)")
         unsupported = {"top_p": job.top_p != 1.0, "top_k": job.top_k not in (-1, 0),
@@ -285,13 +289,19 @@ class DiffusionSampler:
             if wait > 0:
                 _sleep(min(wait, 0.005))
                 return
-        tokens = sum(_row_cost(r) for r in self._running)
+        tokens = sum(_row_tokens(r) for r in self._running)
+        held = sum(self._row_bytes(r) for r in self._running)
+        budget = self.memory.budget_bytes
         while self._waiting and len(self._running) < self.batch_size:
-            cost = _row_cost(self._waiting[0])
-            if self._running and tokens + cost > self.max_batch_tokens:
+            row = self._waiting[0]
+            cost, need = _row_tokens(row), self._row_bytes(row)
+            if self._running and (tokens + cost > self.max_batch_tokens or (budget is not None and held + need > budget)):
                 break
             self._running.append(self._waiting.popleft())
-            tokens += cost
+            tokens, held = tokens + cost, held + need
+
+    def _row_bytes(self, row: _Row) -> int:
+        return self.memory.row_bytes(len(row.x), row.params.algorithm, row.params.cfg_scale)
 
     def step(self) -> None:
         """One model forward for every running sequence, one denoising step each; retire the finished."""
@@ -564,6 +574,8 @@ class DiffusionSampler:
             "batch_size_histogram": {str(k): v for k, v in sorted(self._hist.items())},
             "cuda_graph_replays": self._graphs.replays if self._graphs is not None else 0,
             "cuda_graph_captures": self._graphs.captures if self._graphs is not None else 0,
+            "memory_budget_bytes": self.memory.budget_bytes,
+            "memory_held_bytes": sum(self._row_bytes(r) for r in self._running),
             **c,
         }
 
@@ -576,7 +588,7 @@ def _to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return t.pin_memory().to(dev, non_blocking=True)
 
 
-def _row_cost(row: _Row) -> int:
+def _row_tokens(row: _Row) -> int:
     return len(row.x) * (2 if row.params.cfg_scale > 0 else 1)
 
 

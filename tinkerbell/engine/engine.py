@@ -165,7 +165,7 @@ class Engine:
         return DiffusionSampler(self.model, device=self.device, dtype=self.dtype, eos_token_ids=self.eos_token_ids(),
                                 decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False),
                                 max_context=self.max_context, algorithm=cfg.algorithm, batch_size=cfg.batch_size,
-                                max_wait_time=cfg.max_wait_time)
+                                max_wait_time=cfg.max_wait_time, memory_bytes=self._sampler_budget())
 
     # ------------------------------------------------------------------------------------------- metadata
 
@@ -179,6 +179,15 @@ class Engine:
             ids.add(int(self.tokenizer.eos_token_id))
         return sorted(ids)
 
+    def _sampler_budget(self) -> int | None:
+        """GPU memory for the sampler's state (the AR sampler's KV cache, the diffusion rows' caches): a
+        `--gpu-memory-util` share of what is free now, leaving room for the CUDA graphs' buffers and the logits.
+        None on the CPU (no budget: the caller picks a fixed one or none)."""
+        if self.device.type != "cuda":
+            return None
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return int(min(free * self.config.gpu_memory_util, free - GRAPH_RESERVE_BYTES))
+
     def _kv_blocks(self) -> int:
         bs = self.config.kv_block_size
         cfg = self.model_config
@@ -186,11 +195,8 @@ class Engine:
         shard = getattr(self.model, "shard", None)
         kv_heads = shard.num_kv_heads if shard is not None else cfg.num_kv_heads
         per_token = 2 * cfg.num_layers * kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            # Keep room beside the cache for the decode CUDA graphs' buffers and the sampler's logits.
-            budget = int(min(free * self.config.gpu_memory_util, free - GRAPH_RESERVE_BYTES))
-        else:
+        budget = self._sampler_budget()
+        if budget is None:
             budget = 512 * 2**20  # CPU: a fixed 512 MiB of KV is plenty for the tiny models CPUs serve
         blocks = max(budget // (per_token * bs), 2 * (self.max_context // bs + 1))
         if self.tp is not None:  # every rank must hold the same blocks: the scheduler plans for all of them
