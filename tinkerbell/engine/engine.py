@@ -472,7 +472,7 @@ class Engine:
                 "train_batches": self._train_batches,
                 # Where the engine thread's time went (host seconds): what a loop mixing users' training and
                 # sampling waits on. `waiting` is time with nothing to do.
-                "loop_seconds": {k: round(v, 4) for k, v in self._loop_seconds.items()}}
+                "loop_seconds": {k: round(v, 6) for k, v in self._loop_seconds.items()}}
 
 
 
