@@ -8,8 +8,8 @@ import torch
 from tinkerbell.engine.lora import AdapterWeights, LoraSpec
 from tinkerbell.engine.models.loader import load_model
 from tinkerbell.engine.training import Trainer
-from tinkerbell.engine.training_memory import MIN_TRAINABLE_TOKENS, RUN_STATE_BYTES, MemoryPlan, adapter_elements, \
-    plan_memory
+from tinkerbell.engine.training_memory import MIN_TRAINABLE_TOKENS, PASS_GRAD_BYTES, RUN_STATE_BYTES, MemoryPlan, \
+    adapter_elements, plan_memory
 from tinkerbell.engine.training_params import pack
 from tinkerbell.engine.types import EngineUserError, TrainDatum
 
@@ -29,8 +29,8 @@ def _plan(budget: int, state_at_plan: int | None = 0) -> MemoryPlan:
 
 
 def _run_bytes(model) -> int:
-    """One run's state plus its float32 copy in a batch."""
-    return (RUN_STATE_BYTES + 4) * adapter_elements(model.cfg, SPEC)
+    """One run's state plus what it adds to a batch (its float32 copy, the pass's own gradients)."""
+    return (RUN_STATE_BYTES + 4 + PASS_GRAD_BYTES) * adapter_elements(model.cfg, SPEC)
 
 
 def test_adapter_elements_count_every_a_and_b(model):
@@ -58,7 +58,8 @@ def test_the_measured_cpu_plan_charges_every_run(model):
 
 def test_runs_created_after_the_plan_shrink_the_longest_datum(model):
     n = adapter_elements(model.cfg, SPEC)
-    trainer = Trainer(model, CPU, memory=_plan(3 * RUN_STATE_BYTES * n + 4 * n + 1500 * PER_TOKEN))
+    trainer = Trainer(model, CPU, memory=_plan(3 * RUN_STATE_BYTES * n + (4 + PASS_GRAD_BYTES) * n
+                                                + 1500 * PER_TOKEN))
     trainer.create("a", SPEC, seed=0)
     vocab = model.cfg.vocab_size
     data = [_datum_of(vocab, 2000)]

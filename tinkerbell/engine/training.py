@@ -44,8 +44,8 @@ from tinkerbell.engine.tp.shard import gather_lora_tensors, norm_owner, shard_ad
     sync_replicated_grads
 from tinkerbell.engine.training_forward import PackedAttention, hidden_states, packed_positions
 from tinkerbell.engine.training_lora import TrainLora
-from tinkerbell.engine.training_memory import MIN_TRAINABLE_TOKENS, RESIDENT_STATE_BYTES, RUN_STATE_BYTES, \
-    MemoryPlan, adapter_elements, plan_memory
+from tinkerbell.engine.training_memory import MIN_TRAINABLE_TOKENS, PASS_GRAD_BYTES, RESIDENT_STATE_BYTES, \
+    RUN_STATE_BYTES, MemoryPlan, adapter_elements, plan_memory
 from tinkerbell.engine.training_params import assemble, ordered, pack, views_like
 from tinkerbell.engine.types import AdamParams, EngineCapacityError, EngineUserError, ForwardBackwardResult, \
     TrainDatum
@@ -360,11 +360,11 @@ class Trainer:
         return adapter_elements(self.cfg, spec, self.tp.world if self.tp is not None else 1)
 
     def _plan_with(self, batch: list[LoraSpec], new: LoraSpec | None = None) -> MemoryPlan:
-        """The memory plan less every run's training state (and `new`'s, a run about to be created) and the
-        model-dtype copies of the adapters of a batch of the runs `batch`."""
+        """The memory plan less every run's training state (and `new`'s, a run about to be created) and what a
+        batch of the runs `batch` adds: each adapter's model-dtype copy and the pass's own gradients."""
         specs = [r.weights.spec for r in self._runs.values()] + ([new] if new is not None else [])
         state = sum(RUN_STATE_BYTES * self._elements(s) for s in specs)
-        copies = sum(self.model_dtype.itemsize * self._elements(s) for s in batch)
+        copies = sum((self.model_dtype.itemsize + PASS_GRAD_BYTES) * self._elements(s) for s in batch)
         return self.memory_plan().after_state(state + copies)
 
     def _check_room(self, spec: LoraSpec) -> None:

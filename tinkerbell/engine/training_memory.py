@@ -12,7 +12,7 @@ cache took its `--gpu-memory-util` share), less a reserve; on CPU it is a fixed 
 
 The runs' own state comes out of the same memory: each run's fp32 masters, two AdamW moments and gradient
 accumulator (16 bytes an adapter element: ~430 MB for Llama-3.2-1B at rank 32, ~1.4 GB for 8B), and, during a
-batch, the model-dtype copy of every adapter in it. The budget measured on GPU already excludes the masters and
+batch, the model-dtype copy of every adapter in it and the pass's own gradients. The budget measured on GPU already excludes the masters and
 moments of the runs that existed then; runs created later, the gradients and the copies are charged against it
 at each use (`MemoryPlan.after_state`), so a server that gains runs shrinks its micro-batches, then refuses new
 runs with a 4xx, instead of running out of memory mid-step.
@@ -43,6 +43,9 @@ PROBE_TOKENS = (64, 128)
 # A run's state per adapter element, in bytes: fp32 master, two fp32 AdamW moments, fp32 gradient accumulator.
 RUN_STATE_BYTES = 16
 RESIDENT_STATE_BYTES = 12  # of which allocated from creation on (the gradient appears at the first backward)
+# A run in a batch, per element beside its model-dtype copy: the pass's own fp32 gradients, kept apart from the
+# earlier requests' until the pass succeeds (Trainer.run_segments).
+PASS_GRAD_BYTES = 4
 # A new run is refused when, with it, training could no longer hold a micro-batch of this many tokens.
 MIN_TRAINABLE_TOKENS = 1024
 
