@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -44,6 +43,7 @@ import torch
 from tinkerbell.engine import gather, sampling
 from tinkerbell.engine.diffusion_graphs import GraphCache
 from tinkerbell.engine.diffusion_memory import DiffusionMemory
+from tinkerbell.engine.diffusion_params import DiffusionParams, validate_request
 from tinkerbell.engine.diffusion_graphs import wanted as graphs_wanted
 from tinkerbell.engine.models.llada import LLaDAModel
 from tinkerbell.engine.sampler import settle
@@ -59,7 +59,6 @@ from tinkerbell.engine.diffusion_rules import (  # noqa: F401 - re-exported: the
 )
 from tinkerbell.engine.types import EngineUserError, SampledSequence, SampleJob, SampleResult
 
-MAX_NUM_SAMPLES = 64
 # A step whose cache-building rows and cached rows would waste more padded positions than this together runs
 # them as two forwards (see DiffusionSampler._logits): about where a GPU forward turns from weight-bound to
 # compute-bound, so below it the second pass over the weights costs more than the padding.
@@ -67,23 +66,6 @@ SPLIT_TOKENS = 256
 _clock, _sleep = time.monotonic, time.sleep  # the admission's clock (tests run it on a fake one)
 
 log = logging.getLogger("tinkerbell.diffusion")
-
-
-@dataclass(frozen=True)
-class DiffusionParams:
-    algorithm: str
-    gen_length: int
-    block_length: int
-    steps_per_block: int
-    temperature: float
-    remasking: str
-    threshold: float | None
-    factor: float | None
-    cfg_scale: float
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.gen_length // self.block_length)
 
 
 @dataclass
@@ -195,39 +177,9 @@ class DiffusionSampler:
 
     # ------------------------------------------------------------------------------------------- requests
 
-    def resolve_params(self, job: SampleJob) -> DiffusionParams:
-        """The request's generation parameters with the server's defaults filled in; EngineUserError names
-        the first bad field."""
-        algorithm = canonical_algorithm(job.generation_algorithm or self.algorithm)
-        gen = int(job.max_tokens)
-        if gen < 1:
-            raise EngineUserError(f"max_tokens: must be at least 1, got {gen}")
-        block = job.block_length if job.block_length is not None else self.default_block_length
-        if block < 1:
-            raise EngineUserError(f"block_length: must be at least 1, got {block}")
-        block = min(block, gen)  # a block longer than the generation is the whole generation
-        steps = job.steps if job.steps is not None else gen
-        if steps < 1:
-            raise EngineUserError(f"steps: must be at least 1, got {steps}")
-        num_blocks = -(-gen // block)
-        remasking = job.remasking or "low_confidence"
-        if remasking not in REMASKING:
-            raise EngineUserError(f"remasking: must be one of {', '.join(REMASKING)}, got {remasking!r}")
-        if not math.isfinite(job.temperature) or job.temperature < 0:
-            raise EngineUserError(f"temperature: must be a finite number >= 0, got {job.temperature}")
-        if job.threshold is not None and not (math.isfinite(job.threshold) and 0 < job.threshold <= 1):
-            raise EngineUserError(f"threshold: must be in (0, 1], got {job.threshold}")
-        if job.factor is not None and not (math.isfinite(job.factor) and job.factor > 0):
-            raise EngineUserError(f"factor: must be a finite number > 0, got {job.factor}")
-        if job.threshold is not None and job.factor is not None:
-            raise EngineUserError("threshold, factor: two parallel-decoding rules; set at most one")
-        if not math.isfinite(job.cfg_scale) or job.cfg_scale < 0:
-            raise EngineUserError(f"cfg_scale: must be a finite number >= 0, got {job.cfg_scale}")
-        return DiffusionParams(algorithm, gen, block, -(-steps // num_blocks), float(job.temperature), remasking,
-                               job.threshold, job.factor, float(job.cfg_scale))
-
     def add_request(self, job: SampleJob, fut: Future) -> None:
-        params = self._validate(job)
+        params = validate_request(job, self.cfg.vocab_size, self.mask_id, self.max_context, self.memory,
+                                  self.algorithm, self.default_block_length)
         stop_ids = {int(t) for t in job.stop_token_ids} | (set(self.eos_token_ids) if job.stop_at_eos else set())
         group = _Group(job, fut, params, frozenset(stop_ids), left=job.num_samples)
         prompt = torch.tensor(job.prompt, dtype=torch.long, device=self.device)
@@ -244,35 +196,6 @@ class DiffusionSampler:
             self._waiting.append(row)
         self._groups[next(self._ids)] = group
 
-    def _validate(self, job: SampleJob) -> DiffusionParams:
-        vocab = self.cfg.vocab_size
-        if not job.prompt:
-            raise EngineUserError("prompt: must contain at least one token")
-        lo, hi = min(job.prompt), max(job.prompt)
-        if lo < 0 or hi >= vocab:
-            raise EngineUserError(f"prompt: token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab})")
-        if self.mask_id in job.prompt:
-            raise EngineUserError(f"prompt: contains the mask token id {self.mask_id}")
-        if not 1 <= job.num_samples <= MAX_NUM_SAMPLES:
-            raise EngineUserError(f"num_samples: must be between 1 and {MAX_NUM_SAMPLES}, got {job.num_samples}")
-        params = self.resolve_params(job)
-        total = len(job.prompt) + job.max_tokens
-        if total > self.max_context:
-            raise EngineUserError(f"max_tokens: prompt length {len(job.prompt)} + max_tokens {job.max_tokens} "
-                                  f"= {total} exceeds the model's context limit of {self.max_context} tokens")
-        self.memory.check(total, params.algorithm, params.cfg_scale)
-        if job.adapter_key is not None:
-            raise EngineUserError("adapter_key: LoRA adapters are not supported for diffusion models (LLaDA)")
-        unsupported = {"top_p": job.top_p != 1.0, "top_k": job.top_k not in (-1, 0),
-                       "prompt_logprobs": job.prompt_logprobs or job.topk_prompt_logprobs > 0,
-                       "topk_sample_logprobs": job.topk_sample_logprobs > 0}
-        for name, bad in unsupported.items():
-            if bad:
-                raise EngineUserError(f"{name}: not supported by diffusion generation")
-        if any(not s for s in job.stop_strings):
-            raise EngineUserError("stop_strings: stop strings must not be empty")
-        return params
-
     # ------------------------------------------------------------------------------------------- the loop
 
     def has_work(self) -> bool:
@@ -285,7 +208,8 @@ class DiffusionSampler:
             # different phases of their blocks, and most steps would pay a second forward for the rows (re)building
             # their cache (on the CPU, 16 requests at once over HTTP ran 47 steps of a 32-step run).
             now, first = _clock(), self._waiting[0].group.arrived
-            wait = max(self.max_wait_time - (now - first), gather.wait_left(now, first, self._waiting[-1].group.arrived))
+            last = self._waiting[-1].group.arrived
+            wait = max(self.max_wait_time - (now - first), gather.wait_left(now, first, last))
             if wait > 0:
                 _sleep(min(wait, 0.005))
                 return
@@ -295,7 +219,8 @@ class DiffusionSampler:
         while self._waiting and len(self._running) < self.batch_size:
             row = self._waiting[0]
             cost, need = _row_tokens(row), self._row_bytes(row)
-            if self._running and (tokens + cost > self.max_batch_tokens or (budget is not None and held + need > budget)):
+            over = tokens + cost > self.max_batch_tokens or (budget is not None and held + need > budget)
+            if self._running and over:
                 break
             self._running.append(self._waiting.popleft())
             tokens, held = tokens + cost, held + need

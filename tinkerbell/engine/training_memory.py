@@ -12,10 +12,10 @@ cache took its `--gpu-memory-util` share), less a reserve; on CPU it is a fixed 
 
 The runs' own state comes out of the same memory: each run's fp32 masters, two AdamW moments and gradient
 accumulator (16 bytes an adapter element: ~430 MB for Llama-3.2-1B at rank 32, ~1.4 GB for 8B), and, during a
-batch, the model-dtype copy of every adapter in it and the pass's own gradients. The budget measured on GPU already excludes the masters and
-moments of the runs that existed then; runs created later, the gradients and the copies are charged against it
-at each use (`MemoryPlan.after_state`), so a server that gains runs shrinks its micro-batches, then refuses new
-runs with a 4xx, instead of running out of memory mid-step.
+batch, the model-dtype copy of every adapter in it and the pass's own gradients. The budget measured on GPU
+already excludes the masters and moments of the runs that existed then; runs created later, the gradients and
+the copies are charged against it at each use (`MemoryPlan.after_state`), so a server that gains runs shrinks
+its micro-batches, then refuses new runs with a 4xx, instead of running out of memory mid-step.
 """
 
 from __future__ import annotations

@@ -51,3 +51,39 @@ def views_like(buffer: torch.Tensor, flat: torch.Tensor, tensors: list[torch.Ten
         out.append(buffer[at:at + t.numel()].view(t.shape))
     return out
 
+
+
+# A pass's gradients are kept apart from the runs' earlier ones (requests since their last optim_step) until it
+# succeeds, so a pass that fails midway leaves every run as it was (Trainer.run_segments).
+Grads = list[tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+def set_aside_grads(runs: list[AdapterWeights]) -> Grads:
+    """(master, its gradient so far) for every master of `runs` (each run once); their `.grad` cleared."""
+    out: Grads = []
+    for w in {id(w): w for w in runs}.values():
+        for p in ordered(w):
+            out.append((p, p.grad))
+            p.grad = None
+    return out
+
+
+def restore_grads(earlier: Grads) -> None:
+    """Back to the gradients set aside, dropping what a failed pass accumulated."""
+    for p, g in earlier:
+        p.grad = g
+
+
+def add_back_grads(earlier: Grads) -> None:
+    """The pass's gradients plus those set aside: one multi-tensor add where both exist."""
+    new, old = [], []
+    for p, g in earlier:
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g
+        else:
+            new.append(p.grad)
+            old.append(g)
+    if new:
+        torch._foreach_add_(new, old)
