@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -15,21 +14,10 @@ from pathlib import Path
 
 import httpx
 
-from tinkerbell.router import ports
+from tinkerbell.router.ports import free_port_block
 from tinkerbell.router.supervisor import Child, log_tail, spawn
 
 START_TIMEOUT = 900.0  # a large model from a slow disk
-
-
-def free_port_block(n: int) -> int:
-    """A port P with P..P+n-1 free (`serve --dp D` takes P for the router and P+1..P+D for replicas)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + n < 65535 and not any(ports.in_use("127.0.0.1", p) for p in range(port, port + n)):
-            return port
-    raise RuntimeError("no block of free loopback ports found")
 
 
 @dataclass

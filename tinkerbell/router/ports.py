@@ -1,11 +1,21 @@
-"""Ports: is one free, and if not, which process holds it (for a one-line message instead of a traceback)."""
+"""Ports: is one free, and if not, which process holds it (for a one-line message instead of a traceback); free
+loopback ports for servers that benches and tests start.
+
+Those are chosen BELOW the kernel's ephemeral range: binding port 0 hands out an ephemeral port, and by the
+time a server binds it (seconds later, after loading a model) an outgoing connection of another process may
+have been given the same port, and the server dies with "address already in use" (it happened in CI to a
+bench's `serve --dp 2` replica). Ports outside the ephemeral range are never handed to outgoing connections.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
+import random
 import socket
 from pathlib import Path
+
+_LOW, _HIGH = 20000, 32000  # Linux's default ephemeral range starts at 32768
 
 
 def in_use(host: str, port: int) -> bool:
@@ -62,3 +72,14 @@ def holder(port: int) -> str | None:
 def busy_message(host: str, port: int, hint: str) -> str:
     who = holder(port) or f"another process (`ss -ltnp 'sport = :{port}'` shows which)"
     return f"port {port} on {host} is already in use by {who}; stop it, or {hint}"
+
+
+def free_port_block(n: int = 1) -> int:
+    """A loopback port P with P..P+n-1 all free, below the ephemeral range (`serve --dp D` takes P for the
+    router and P+1..P+D for the replicas)."""
+    rng = random.SystemRandom()  # independent of any caller's seeded `random`
+    for _ in range(500):
+        base = rng.randrange(_LOW, _HIGH - n)
+        if not any(in_use("127.0.0.1", p) for p in range(base, base + n)):
+            return base
+    raise RuntimeError(f"no block of {n} free loopback ports in [{_LOW}, {_HIGH})")
